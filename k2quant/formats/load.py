@@ -1,0 +1,60 @@
+"""k2quant's own dequant-on-load loader: any of the three formats into transformers' DeepseekV3.
+
+transformers 5.23 mis-loads block FP8 with partial edge tiles on CPU (576-row ``kv_a_proj_with_mqa``
+fails, 192 rows load silently wrong), so weights are dequantized here with the convert path's own
+kernels and handed to ``from_pretrained`` as a state dict with Kimi's per-expert names.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from k2quant.formats import convert, plan
+from k2quant.formats.checkpoint import Checkpoint
+
+#: model_type values that load as transformers' DeepseekV3 (Kimi's configs say kimi_k2)
+DEEPSEEK_V3_ALIASES = ("kimi_k2", "deepseek_v3")
+
+
+def iter_dequantized(path: str | Path, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every tensor of the BF16 form of the checkpoint, one module at a time."""
+    ckpt = Checkpoint(path)
+    p = plan.make_plan(ckpt, "bf16", None, max_shard_size=1 << 62)
+    for item in p.items:
+        yield from convert.run_item(item, p.source_format, None, device).items()
+
+
+def dequantized_state_dict(path: str | Path, out_dtype: torch.dtype | None = None,
+                           device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The whole BF16 form of a checkpoint (quantized weights dequantized exactly as convert does)."""
+    sd = {}
+    for name, t in iter_dequantized(path, device):
+        sd[name] = t.to(out_dtype) if out_dtype is not None and t.is_floating_point() and t.dim() > 1 else t
+    return sd
+
+
+def hf_config(path_or_config: str | Path | dict):
+    """A ``DeepseekV3Config`` from a checkpoint dir or config dict; ``kimi_k2`` maps to ``deepseek_v3``."""
+    from transformers import DeepseekV3Config
+
+    if isinstance(path_or_config, dict):
+        cfg = dict(path_or_config)
+    else:
+        cfg = dict(Checkpoint(path_or_config).config)
+    for key in ("quantization_config", "compression_config", "auto_map", "architectures", "model_type"):
+        cfg.pop(key, None)
+    return DeepseekV3Config(**cfg)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+               experts_implementation: str | None = "eager"):
+    """transformers ``DeepseekV3ForCausalLM`` holding the checkpoint's (dequantized) weights."""
+    from transformers import DeepseekV3ForCausalLM
+
+    config = hf_config(path)
+    kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
+    sd = dequantized_state_dict(path)
+    model = DeepseekV3ForCausalLM.from_pretrained(None, config=config, state_dict=sd, dtype=dtype, **kwargs)
+    return model.to(device).eval()

@@ -1,0 +1,1 @@
+"""Quantization schemes and kernels. Imports only torch and the standard library."""

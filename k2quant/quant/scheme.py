@@ -1,0 +1,128 @@
+"""One definition of every quantization scheme, used by convert, QAT and export alike.
+
+Granularity is only ``block_size``: FP8 uses ``(128, 128)`` tiles, INT4 uses ``(1, group_size)``
+groups. Leading dimensions beyond the last two are batch (an expert stack ``[E, N, K]``).
+In memory ``scale`` is always the dequant multiplier: ``w ~= q * scale``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from types import ModuleType
+
+import torch
+
+from k2quant.errors import SchemeError
+
+FP8 = "fp8_e4m3"
+INT4 = "int4"
+
+#: Kimi-K2-Thinking's ignore list, written verbatim into INT4 configs.
+KIMI_INT4_IGNORE: tuple[str, ...] = (
+    "lm_head",
+    "re:.*self_attn.*",
+    "re:.*shared_experts.*",
+    r"re:.*mlp\.(gate|up|gate_up|down)_proj.*",
+)
+#: The routed experts, as module names (no ``.weight``).
+ROUTED_EXPERTS = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
+
+SCALE_RULES = {
+    FP8: ("deepseek",),
+    # library: amax/7.5 in bf16, codes [-8, 7] (compressed-tensors 0.20 on CPU)
+    # kimi:    bf16(fp32(amax)/7), codes [-7, 7] (K2-Thinking's convention, idempotent)
+    INT4: ("library", "kimi"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantScheme:
+    """A weight quantization scheme: what codes, what scales, which modules."""
+
+    name: str
+    dtype: str
+    block_size: tuple[int, int]
+    symmetric: bool = True
+    scale_dtype: torch.dtype = torch.float32
+    scale_rule: str = "deepseek"
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.dtype not in SCALE_RULES:
+            problems.append(f"unknown dtype {self.dtype!r}; expected one of {sorted(SCALE_RULES)}")
+        elif self.scale_rule not in SCALE_RULES[self.dtype]:
+            problems.append(
+                f"scale rule {self.scale_rule!r} is not defined for {self.dtype}; "
+                f"use one of {list(SCALE_RULES[self.dtype])}"
+            )
+        if len(self.block_size) != 2 or any(int(b) < 1 for b in self.block_size):
+            problems.append(f"block_size must be two positive ints, got {self.block_size}")
+        if self.dtype == INT4 and self.block_size[0] != 1:
+            problems.append(f"INT4 groups run along the input dim: block_size (1, g), got {self.block_size}")
+        if self.dtype == INT4 and self.block_size[1] % 8 != 0:
+            problems.append(f"INT4 group size must be a multiple of 8 (one int32 word), got {self.block_size[1]}")
+        if not self.symmetric:
+            problems.append("only symmetric schemes are supported")
+        for pat in (*self.targets, *self.ignore):
+            if pat.startswith("re:"):
+                try:
+                    re.compile(pat[3:])
+                except re.error as exc:
+                    problems.append(f"bad regex {pat!r}: {exc}")
+        if problems:
+            raise SchemeError(f"scheme {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def group_size(self) -> int:
+        return self.block_size[1]
+
+    def with_(self, **changes) -> QuantScheme:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def matches(self, module: str) -> bool:
+        """True when ``module`` is targeted and not ignored (``re.match`` semantics, like the loaders)."""
+        return match_any(module, self.targets) and not match_any(module, self.ignore)
+
+
+def match_name(name: str, pattern: str) -> bool:
+    """compressed-tensors / vLLM matching: ``re:`` is ``re.match`` (start-anchored), else equality."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return name == pattern
+
+
+def match_any(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    return any(match_name(name, p) for p in patterns)
+
+
+SCHEMES: dict[str, QuantScheme] = {
+    "fp8-block-128": QuantScheme(
+        name="fp8-block-128", dtype=FP8, block_size=(128, 128), scale_dtype=torch.float32,
+        scale_rule="deepseek", targets=("re:.*",),
+    ),
+    "int4-g32": QuantScheme(
+        name="int4-g32", dtype=INT4, block_size=(1, 32), scale_dtype=torch.bfloat16,
+        scale_rule="library", targets=(ROUTED_EXPERTS,), ignore=KIMI_INT4_IGNORE,
+    ),
+}
+
+
+def get(name: str, **overrides) -> QuantScheme:
+    """A preset by name, with field overrides (e.g. ``group_size=64``, ``scale_rule="kimi"``)."""
+    if name not in SCHEMES:
+        raise SchemeError(f"unknown scheme {name!r}; known: {sorted(SCHEMES)}")
+    scheme = SCHEMES[name]
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "group_size" in overrides:
+        overrides["block_size"] = (1, int(overrides.pop("group_size")))
+    return scheme.with_(**overrides) if overrides else scheme
+
+
+def kernels(scheme: QuantScheme) -> ModuleType:
+    """The kernel module for a scheme's dtype (one table, no if/elif chains)."""
+    from k2quant.quant import fp8_block, int4_group
+
+    return {FP8: fp8_block, INT4: int4_group}[scheme.dtype]

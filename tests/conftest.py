@@ -1,0 +1,21 @@
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# one thread: two threads on a shared 2-core CI box were measured up to 100x slower
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """Tiny K2 checkpoints in all three formats, built once per session (read-only for tests)."""
+    from k2quant.formats import tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {fmt: tiny.build(root / fmt, fmt, seed=0) for fmt in ("bf16", "fp8", "int4")}
