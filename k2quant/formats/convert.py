@@ -146,7 +146,7 @@ def prepare_output(src: Path, dst: Path, need_bytes: int, force: bool) -> None:
     try:
         d.mkdir(parents=True, exist_ok=True)
         probe = d / (".k2q-probe" + shards.TMP_SUFFIX)
-        probe.write_bytes(b"")
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o644))
         probe.unlink()
     except OSError as exc:
         raise OutputError(f"{dst}: cannot write to the output directory ({exc.strerror}); choose a writable "

@@ -80,6 +80,7 @@ def modules(ckpt: Checkpoint, src: SourceFormat) -> tuple[dict[str, Module], lis
     f8 = [n for n, i in t.items() if i.dtype == "F8_E4M3" and n.endswith(".weight")]
     packed = [n for n in t if n.endswith(".weight_packed")]
     _check_config_agrees(ckpt, src, f8, packed, problems)
+    collect(problems)  # a config that disagrees with the tensors explains everything else: say only that
     for name in f8 if src.name == "fp8" else []:
         m = name[: -len(".weight")]
         sname = f"{m}.{src.fp8_scale}"

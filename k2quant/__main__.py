@@ -1,0 +1,3 @@
+from k2quant.cli import main
+
+main()

@@ -1,0 +1,185 @@
+"""k2quant command line: parse options, build a scheme, call one library function, render with rich.
+
+The cli modules are the only ones that print. A ``K2QuantError`` becomes one line on stderr and exit 2.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from k2quant.errors import K2QuantError
+
+console = Console(stderr=True)
+out = Console()
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.I)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5_000_000_000; ``"512MiB"`` -> 536870912; a bare number is bytes."""
+    m = _SIZE.match(text)
+    unit = (m.group(2) or "").upper() if m else None
+    if not m or unit not in _UNITS:
+        raise click.BadParameter(f"{text!r} is not a size; use e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+class Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except K2QuantError as exc:
+            console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="k2quant")
+def main() -> None:
+    """Streaming, format-exact BF16 / block-FP8 / INT4 tools for Kimi-K2-class checkpoints."""
+
+
+@main.command()
+@click.argument("src", type=click.Path(file_okay=False, path_type=str))
+@click.argument("dst", type=click.Path(file_okay=False, path_type=str))
+@click.option("--to", "target", required=True, type=click.Choice(["bf16", "fp8", "int4"]), help="Target format.")
+@click.option("--group-size", type=int, default=None, help="INT4 group size (default 32).")
+@click.option("--scale-rule", type=click.Choice(["library", "kimi"]), default=None,
+              help="INT4 scales: library = compressed-tensors amax/7.5 (default); kimi = amax/7, codes -7..7.")
+@click.option("--targets", multiple=True, help="INT4 modules to quantize (name or re:regex, re.match). "
+              "Default: the routed experts.")
+@click.option("--ignore", multiple=True, help="INT4 modules to leave BF16. Default: Kimi's four-entry list.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Output shard size.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Output shards converted in parallel.")
+@click.option("--device", default="cpu", show_default=True, help="Where the kernels run (cpu, cuda, cuda:1).")
+@click.option("--force", is_flag=True, help="Write into a non-empty output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+def convert(src, dst, target, group_size, scale_rule, targets, ignore, max_shard_size, workers, device,
+            force, as_json) -> None:
+    """Convert checkpoint SRC into DST in another format (bf16, fp8, int4)."""
+    from k2quant.formats import convert as conv
+    from k2quant.formats import plan
+
+    if target != "int4" and (group_size or scale_rule or targets or ignore):
+        raise K2QuantError("--group-size/--scale-rule/--targets/--ignore apply to --to int4 only")
+    scheme = plan.target_scheme(target, group_size, scale_rule, list(targets) or None,
+                                list(ignore) if ignore else None)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[items]} modules"),
+               DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    bar = Progress(*columns, console=console, disable=as_json)
+    task = bar.add_task(target, total=None, items=0)
+
+    def on_plan(p) -> None:  # the plan passed every check: start showing progress
+        bar.update(task, total=p.src_bytes, description=f"{p.source_format.name} → {target}")
+        bar.start()
+
+    def progress(n: int, nbytes: int) -> None:
+        bar.update(task, advance=nbytes, items=bar.tasks[task].fields["items"] + n)
+
+    try:
+        report = conv.convert(src, dst, target, scheme, max_shard_size=parse_size(max_shard_size),
+                              workers=workers, force=force, device=device, progress=progress, on_plan=on_plan)
+    finally:
+        bar.stop()
+    if as_json:
+        out.print_json(json.dumps(report.to_json()))
+        return
+    t = Table(title=f"{report.source_format} → {report.target}: {report.dst}")
+    for col in ("class", "modules", "bytes in", "bytes out"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for cls, c in report.by_class.items():
+        t.add_row(cls, str(c["count"]), human(c["bytes_in"]), human(c["bytes_out"]))
+    t.add_row("[bold]total", str(sum(c["count"] for c in report.by_class.values())), human(report.bytes_in),
+              human(report.bytes_out))
+    out.print(t)
+    rate = report.bytes_in / report.seconds / 1e6 if report.seconds else 0
+    out.print(f"{report.tensors_in} → {report.tensors_out} tensors, {report.shards} shard(s), "
+              f"{report.seconds:.2f} s ({rate:.0f} MB/s of source)")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--check-rule", type=int, default=16, show_default=True,
+              help="INT4: modules to requantize when telling which scale rule the checkpoint follows (0 = all).")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+def inspect(path, check_rule, as_json) -> None:
+    """What checkpoint PATH holds: format, tensor classes, bytes, size in each target format."""
+    from k2quant.formats import inspect as insp
+
+    r = insp.inspect(path, check_rule)
+    if as_json:
+        out.print_json(json.dumps(r.to_json()))
+        return
+    out.print(f"[bold]{r.path}[/]: {r.format} ({r.model_type}), {r.tensors} tensors in {r.shards} shard(s), "
+              f"{human(r.stored_bytes)}")
+    if r.int4_rule:
+        k = r.int4_rule
+        out.print(f"INT4 scale rule: [bold]{k['rule']}[/] ({k['reproduced_by_kimi_rule']}/{k['modules_checked']} "
+                  f"modules reproduced by the kimi rule, {k['modules_with_code_-8']} use code -8)")
+    t = Table()
+    for col in ("class", "tensors", "params", "dtypes", "bytes"):
+        t.add_column(col, justify="left" if col in ("class", "dtypes") else "right")
+    for cls, c in r.classes.items():
+        t.add_row(cls, str(c["tensors"]), f"{c['params']:,}", ",".join(c["dtypes"]), human(c["bytes"]))
+    out.print(t)
+    s = Table(title="size in each target format (tensor bytes)")
+    for fmt in r.sizes:
+        s.add_column(fmt, justify="right")
+    s.add_row(*(f"{human(v)} ({v:,})" for v in r.sizes.values()))
+    out.print(s)
+
+
+@main.command("make-tiny")
+@click.argument("dst", type=click.Path(file_okay=False, path_type=str))
+@click.option("--format", "fmt", type=click.Choice(["bf16", "fp8", "int4"]), default="fp8", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_tiny(dst, fmt, seed) -> None:
+    """Write the embedded tiny Kimi-K2-architecture checkpoint (random weights) to DST."""
+    from pathlib import Path
+
+    from k2quant.formats import tiny
+
+    if Path(dst).exists() and any(Path(dst).iterdir()):
+        raise K2QuantError(f"{dst}: not empty; choose an empty or new directory")
+    tiny.build(dst, fmt, seed=seed)
+    out.print(f"wrote a tiny K2 checkpoint ({fmt}) to {dst}")
+
+
+def _register_optional() -> None:
+    """Commands that live in their own cli modules."""
+    import importlib
+
+    for mod, names in (("k2quant.cli_plan", ("plan",)), ("k2quant.cli_eval", ("eval", "diff")),
+                       ("k2quant.cli_qat", ("qat",)), ("k2quant.cli_verify", ("verify",))):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+            continue
+        for name in names:
+            cmd = getattr(m, name, None) or getattr(m, f"{name}_cmd", None)
+            if isinstance(cmd, click.Command):
+                main.add_command(cmd, name)
+
+
+_register_optional()
+
+if __name__ == "__main__":
+    main()

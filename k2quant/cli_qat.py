@@ -1,0 +1,99 @@
+"""``k2quant qat SRC --data ... --out ...`` and ``k2quant qat export STATE OUT`` (click + rich)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from k2quant import qat_run
+from k2quant.errors import K2QuantError
+
+
+class _TrainByDefault(click.Group):
+    """``qat SRC ...`` runs ``qat train SRC ...``; ``qat export ...`` the export."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group("qat", cls=_TrainByDefault)
+def qat() -> None:
+    """Quantization-aware training of the routed experts, exported to INT4 (`qat SRC ...` trains)."""
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@qat.command("train")
+@click.argument("src", required=False, type=click.Path(file_okay=False))
+@click.option("--data", "data", multiple=True, help="Text (.txt/.md) or jsonl files/dirs; repeatable.")
+@click.option("--eval-data", multiple=True, help="Held-out data (default: the last --eval-fraction of --data).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output dir: INT4 export, plus state/.")
+@click.option("--steps", type=int, default=2000, show_default=True)
+@click.option("--lr", type=float, default=1e-5, show_default=True)
+@click.option("--seq-len", type=int, default=4096, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--loss", type=click.Choice(qat_run.LOSSES), default="kl", show_default=True)
+@click.option("--scale-rule", type=click.Choice(["kimi", "library"]), default="kimi", show_default=True)
+@click.option("--group-size", type=int, default=32, show_default=True)
+@click.option("--targets", help="Comma-separated targets (default: routed experts, as convert).")
+@click.option("--ignore", help="Comma-separated ignore list (default: Kimi's).")
+@click.option("--train", "train_", type=click.Choice(qat_run.TRAIN), default="all", show_default=True)
+@click.option("--warmup", type=float, default=0.1, show_default=True, help="Share of steps.")
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clip (0: off).")
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True)
+@click.option("--save-every", type=int, default=0, show_default=True, help="Save state every N steps (0: at end).")
+@click.option("--eval-every", type=int, default=0, show_default=True)
+@click.option("--eval-fraction", type=float, default=0.05, show_default=True)
+@click.option("--log-every", type=int, default=1, show_default=True, help="Code-flip rate every N steps.")
+@click.option("--json", "json_log", type=click.Path(dir_okay=False), help="Write one JSON line per step here.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer dir (default: SRC).")
+@click.option("--requantize", is_flag=True, help="Start from an INT4 source the scale rule does not reproduce.")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue from OUT/state.")
+def train(src, data, eval_data, out, train_, targets, ignore, resume, **opts) -> None:
+    """Train SRC (bf16, fp8 or int4) with fake-quant experts and export INT4 to OUT."""
+    if resume:
+        saved, _ = qat_run.read_run(resume)
+        src, data, out = src or saved.src, data or saved.data, out or saved.out
+        eval_data = eval_data or saved.eval_data
+    missing = [f"--{n}" for n, v in (("data", data), ("out", out)) if not v] + ([] if src else ["SRC"])
+    if missing:
+        raise K2QuantError(f"qat: missing {', '.join(missing)}; usage: k2quant qat SRC --data FILE --out DIR")
+    cfg = qat_run.QatConfig(src=str(src), data=list(data), out=str(out), train=train_, targets=_csv(targets),
+                            ignore=_csv(ignore), eval_data=list(eval_data) or None, **opts)
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]qat"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("qat", total=cfg.steps, info="loading")
+
+        def progress(rec: dict) -> None:
+            flips = f" flips {rec['flip_rate']:.2e}" if "flip_rate" in rec else ""
+            bar.update(task, completed=rec["step"], info=f"loss {rec['loss']:.4f} kl {rec['kl']:.4f} "
+                       f"lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s{flips}")
+
+        report = qat_run.run(cfg, resume=resume, progress=progress)
+    _render(Console(), report)
+
+
+def _render(console: Console, report: qat_run.QatReport) -> None:
+    t = Table(title=f"qat -> {report.out}", show_header=False)
+    for k, v in dataclasses.asdict(report).items():
+        t.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
+    console.print(t)
+
+
+@qat.command("export")
+@click.argument("state", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+def export(state: str, out: str) -> None:
+    """Write the INT4 checkpoint of a qat STATE directory into OUT (through the convert writer)."""
+    report = qat_run.export(state, out)
+    Console().print(f"exported {report.tensors_out} tensors, {report.bytes_out / 1e6:.1f} MB -> {report.dst}")

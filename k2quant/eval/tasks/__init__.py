@@ -1,0 +1,1 @@
+"""Offline lm-eval task definitions shipped with k2quant (YAML + the document builders in ``sources``)."""

@@ -1,0 +1,75 @@
+"""What a checkpoint holds: format, tensor classes, bytes, and its exact size in each target format."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from k2quant.formats import layout, plan, shards, source
+from k2quant.formats.checkpoint import Checkpoint
+from k2quant.quant import int4_group
+
+
+@dataclasses.dataclass
+class InspectReport:
+    path: str
+    format: str
+    quantization: dict | None
+    model_type: str | None
+    shards: int
+    tensors: int
+    stored_bytes: int
+    classes: dict[str, dict]  # class -> {tensors, params, bytes, dtypes}
+    sizes: dict[str, int]  # target format -> exact tensor bytes after conversion (default scheme)
+    int4_rule: dict | None = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def inspect(path: str | Path, check_rule: int = 16) -> InspectReport:
+    """Read headers (and, for INT4, ``check_rule`` modules' scales) and summarise the checkpoint."""
+    ckpt = Checkpoint(path)
+    src = source.detect(ckpt)
+    mods, loose = source.modules(ckpt, src)
+    nl = ckpt.config.get("num_hidden_layers")
+    classes: dict[str, dict] = {}
+    for name, m in [(m.name + ".weight", m) for m in mods.values()] + [(n, None) for n in loose]:
+        infos = list(m.parts.values()) if m else [ckpt.tensors[name]]
+        c = classes.setdefault(layout.tensor_class(name, nl), {"tensors": 0, "params": 0, "bytes": 0, "dtypes": []})
+        c["tensors"] += len(infos)
+        c["params"] += m.shape[0] * m.shape[1] if m else infos[0].numel
+        c["bytes"] += sum(i.nbytes for i in infos)
+        c["dtypes"] = sorted(set(c["dtypes"]) | {i.dtype for i in infos})
+    sizes = {t: plan.make_plan(ckpt, t, plan.target_scheme(t)).dst_bytes for t in plan.TARGETS}
+    rule = int4_rule(ckpt, src, [m for m in mods.values() if m.rep == source.INT4], check_rule) \
+        if src.name == "int4" else None
+    return InspectReport(str(ckpt.path), src.name, ckpt.quantization_config, ckpt.config.get("model_type"),
+                         len(ckpt.files), len(ckpt.tensors), ckpt.total_bytes(), dict(sorted(classes.items())),
+                         sizes, rule)
+
+
+def int4_rule(ckpt: Checkpoint, src: source.SourceFormat, mods: list[source.Module], limit: int) -> dict:
+    """Which scale rule the stored INT4 scales follow: requantize the dequantized weights with each rule."""
+    checked = mods[:limit] if limit > 0 else mods
+    match = {"library": 0, "kimi": 0}
+    minus8 = 0
+    for m in checked:
+        q = int4_group.unpack(shards.read_tensor(m.parts["packed"]), m.shape[1])
+        scale = shards.read_tensor(m.parts["scale"])
+        w = int4_group.dequantize(q, scale, src.scheme, torch.bfloat16)
+        minus8 += int(bool((q == int4_group.INT4_MIN).any()))
+        for rule in match:
+            q2, s2 = int4_group.quantize_weight(w, src.scheme.with_(scale_rule=rule))
+            match[rule] += int(torch.equal(q2, q) and torch.equal(s2, scale.to(s2.dtype)))
+    n = len(checked)
+    fits = [r for r, k in match.items() if n and k == n]
+    if fits == ["kimi"]:
+        verdict = "kimi"
+    elif minus8 and not fits:
+        verdict = "library"  # the library rule is not idempotent: codes -8 and amax/7.5 scales are its signature
+    else:
+        verdict = "kimi" if "kimi" in fits else "unknown"
+    return {"rule": verdict, "modules_checked": n, "modules_with_code_-8": minus8,
+            "reproduced_by_kimi_rule": match["kimi"], "reproduced_by_library_rule": match["library"]}

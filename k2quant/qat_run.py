@@ -1,0 +1,577 @@
+"""``k2quant qat``: train a K2-class model with fake-quant routed experts, then export it to INT4.
+
+Dtypes (train = serve): targeted weights (routed experts by default) are fp32 masters that the
+forward fake-quantizes straight to the bf16 weight it multiplies by; every other parameter is held
+in bf16 for compute with an fp32 master copy in the optimizer. Export writes the targeted fp32
+masters and the bf16 rest to a temporary checkpoint and runs convert on it, whose INT4 codes come
+from the same kernel the forward used, so the exported model computes what was trained.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from k2quant import qat
+from k2quant.errors import FormatError, K2QuantError, OutputError, collect
+from k2quant.formats import convert, load, plan, source, tiny
+from k2quant.formats.checkpoint import CONFIG, Checkpoint
+from k2quant.quant import int4_group
+from k2quant.quant import scheme as qscheme
+from k2quant.quant.scheme import QuantScheme
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("kl", "ce", "ce+kl")
+TRAIN = ("all", "experts")
+STATE = "state"
+MODEL_FILE, TRAINER_FILE, RUN_FILE = "model.safetensors", "trainer.pt", "run.json"
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+#: settings that decide the trained weights: a resume must use the same ones
+RESULT_FIELDS = ("src", "steps", "lr", "seq_len", "batch_size", "loss", "scale_rule", "group_size", "targets",
+                 "ignore", "train", "warmup", "min_lr_ratio", "clip", "seed", "eval_fraction", "fake_quant")
+
+
+@dataclasses.dataclass
+class QatConfig:
+    """Everything a run needs; saved as ``state/run.json``."""
+
+    src: str
+    data: list[str]
+    out: str
+    steps: int = 2000
+    lr: float = 1e-5
+    seq_len: int = 4096
+    batch_size: int = 8
+    loss: str = "kl"
+    scale_rule: str = "kimi"
+    group_size: int = 32
+    targets: list[str] | None = None
+    ignore: list[str] | None = None
+    train: str = "all"
+    warmup: float = 0.1  # share of steps
+    min_lr_ratio: float = 0.0
+    clip: float = 1.0
+    grad_checkpointing: bool = False
+    save_every: int = 0  # 0: only at the end
+    eval_every: int = 0
+    eval_fraction: float = 0.05
+    eval_data: list[str] | None = None
+    eval_batches: int = 8
+    log_every: int = 1
+    json_log: str | None = None
+    seed: int = 0
+    tokenizer: str | None = None
+    fake_quant: bool = True  # False: the same run without fake quant (for measurements)
+    requantize: bool = False  # accept an INT4 source whose codes the scale rule does not reproduce
+    stop_after: int | None = None  # stop (after saving) at this step, as a crash would
+    export: bool = True
+
+    def scheme(self) -> QuantScheme:
+        return plan.target_scheme("int4", group_size=self.group_size, scale_rule=self.scale_rule,
+                                  targets=self.targets, ignore=self.ignore)
+
+
+@dataclasses.dataclass
+class QatReport:
+    out: str
+    steps_done: int
+    seconds: float
+    source_format: str
+    scale_rule: str
+    int4_audit: dict | None
+    eval: dict
+    exported: bool
+
+
+# -- data ----------------------------------------------------------------------------------------
+def _files(paths: list[str]) -> list[Path]:
+    out, missing = [], []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            missing.append(f"{p}: data file not found; pass existing .txt/.md/.jsonl files or directories to --data")
+    collect(missing, K2QuantError)
+    if not out:
+        raise K2QuantError(f"{', '.join(paths)}: no .txt, .md or .jsonl files found; pass text or jsonl data")
+    return out
+
+
+def _jsonl_texts(path: Path, tokenizer) -> list[str]:
+    texts = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{path}:{i}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+        if isinstance(row, dict) and isinstance(row.get("text"), str):
+            texts.append(row["text"])
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+            if not getattr(tokenizer, "chat_template", None):
+                raise FormatError(f"{path}:{i}: chat `messages` need a chat template, but the tokenizer has none; "
+                                  f"use a tokenizer with a chat template (--tokenizer) or `text` rows")
+            texts.append(tokenizer.apply_chat_template(row["messages"], tokenize=False))
+        else:
+            raise FormatError(f"{path}:{i}: expected a `text` string or a `messages` list, found keys "
+                              f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+    return texts
+
+
+def load_texts(paths: list[str], tokenizer) -> list[str]:
+    """Documents from text files (one per file) and jsonl rows (``text`` or chat ``messages``)."""
+    texts: list[str] = []
+    for f in _files(paths):
+        texts += _jsonl_texts(f, tokenizer) if f.suffix == ".jsonl" else [f.read_text(encoding="utf-8")]
+    return texts
+
+
+def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """Token ids ``[S, seq_len]``: documents + eos, concatenated and cut (the tail is dropped)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len)  # [S, seq_len]
+
+
+def datasets(cfg: QatConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, held-out)`` packed sequences: ``--eval-data``, else the last ``eval_fraction`` of the stream."""
+    seqs = pack(load_texts(cfg.data, tokenizer), tokenizer, cfg.seq_len)
+    if cfg.eval_data:
+        held = pack(load_texts(cfg.eval_data, tokenizer), tokenizer, cfg.seq_len)
+    else:
+        n_eval = max(1, round(len(seqs) * cfg.eval_fraction)) if cfg.eval_fraction > 0 else 0
+        seqs, held = seqs[: len(seqs) - n_eval], seqs[len(seqs) - n_eval:]
+    if len(seqs) < 1:
+        raise K2QuantError(f"{', '.join(cfg.data)}: too little text for one training sequence of --seq-len "
+                           f"{cfg.seq_len} tokens after holding out evaluation data; add data or lower --seq-len")
+    return seqs, held
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """The sequences of 0-based ``step``: a fixed permutation per epoch, so the position is just the step."""
+    pos = torch.arange(step * batch_size, (step + 1) * batch_size)
+    out = torch.empty_like(pos)
+    for epoch in pos.div(n, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        sel = pos.div(n, rounding_mode="floor") == epoch
+        out[sel] = perm[pos[sel] % n]
+    return out
+
+
+# -- model ---------------------------------------------------------------------------------------
+def build_models(cfg: QatConfig, scheme: QuantScheme) -> tuple[nn.Module, nn.Module]:
+    """``(student, teacher)``: the source as loaded (teacher, frozen bf16) and a prepared copy."""
+    teacher = load.load_model(cfg.src, dtype=torch.bfloat16)
+    teacher.requires_grad_(False)
+    student = copy.deepcopy(teacher)
+    holders = qat.prepare(student, scheme)
+    if not holders:
+        raise K2QuantError(f"{cfg.src}: no weight matches the targets {list(scheme.targets)} minus ignore "
+                           f"{list(scheme.ignore)}; nothing would be fake-quantized: check --targets/--ignore")
+    for h in holders:  # targeted holders keep fp32 masters; the forward casts through fake quant
+        module = student.get_submodule(h.name)
+        for p in (qat.wrap.EXPERT_PROJ if h.experts else ("weight",)):
+            setattr(module, p, nn.Parameter(getattr(module, p).detach().float()))
+    qat.set_enabled(student, cfg.fake_quant)
+    trained = {id(p) for _, p in _targeted_params(student)} if cfg.train == "experts" else None
+    for p in student.parameters():
+        p.requires_grad_(trained is None or id(p) in trained)
+    if cfg.grad_checkpointing:
+        student.config.use_cache = False
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    return student, teacher
+
+
+def _targeted_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    out = []
+    for h in qat.holders(model):
+        module = model.get_submodule(h.name)
+        out += [(f"{h.name}.{p}", getattr(module, p)) for p in (qat.wrap.EXPERT_PROJ if h.experts else ("weight",))]
+    return out
+
+
+class Masters:
+    """fp32 master copies of the bf16 compute parameters (fp32 parameters are their own master)."""
+
+    def __init__(self, model: nn.Module):
+        self.names, self.params, self.masters = [], [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                m = p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True)
+                self.names.append(name)
+                self.params.append(p)
+                self.masters.append(m)
+
+    def grads_to_masters(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+
+    def masters_to_params(self) -> None:
+        with torch.no_grad():
+            for p, m in zip(self.params, self.masters):
+                if m is not p:
+                    p.copy_(m)  # round to nearest bf16
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: m.detach() for n, p, m in zip(self.names, self.params, self.masters) if m is not p}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p, m in zip(self.names, self.params, self.masters):
+                if m is not p:
+                    m.copy_(sd[n])
+        self.masters_to_params()
+
+
+def schedule(cfg: QatConfig) -> Callable[[int], float]:
+    """Linear warmup to ``lr``, then cosine down to ``min_lr_ratio * lr``."""
+    warm = max(1, int(cfg.warmup * cfg.steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        p = min(1.0, (step - warm) / max(1, cfg.steps - warm))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+    return factor
+
+
+# -- loss ----------------------------------------------------------------------------------------
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), in fp32. Logits ``[B, T, V]``."""
+    lt = F.log_softmax(teacher_logits.float(), dim=-1)
+    ls = F.log_softmax(student_logits.float(), dim=-1)
+    return (lt.exp() * (lt - ls)).sum(-1).mean()
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, in fp32. ``logits [B, T, V]``, ``ids [B, T]``."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def losses(cfg: QatConfig, student: nn.Module, teacher: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The training loss and its parts (``kl``, ``ce``) for one batch ``[B, T]``."""
+    with torch.no_grad():
+        t_logits = teacher(ids).logits
+    logits = student(ids).logits
+    kl, ce = kl_to_teacher(logits, t_logits), next_token_ce(logits, ids)
+    total = {"kl": kl, "ce": ce, "ce+kl": ce + kl}[cfg.loss]
+    return total, {"kl": kl.item(), "ce": ce.item()}
+
+
+@torch.no_grad()
+def evaluate(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, batch_size: int,
+             max_batches: int | None = None) -> dict:
+    """Held-out mean CE (and perplexity) of the student and its mean KL to the teacher."""
+    was = student.training
+    student.eval()
+    kls, ces = [], []
+    for b, i in enumerate(range(0, len(seqs), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        ids = seqs[i:i + batch_size]
+        logits = student(ids).logits
+        kls.append(float(kl_to_teacher(logits, teacher(ids).logits)))
+        ces.append(float(next_token_ce(logits, ids)))
+    student.train(was)
+    if not ces:
+        return {}
+    ce = sum(ces) / len(ces)
+    return {"ce": ce, "ppl": math.exp(ce), "kl": sum(kls) / len(kls), "sequences": min(len(seqs), len(ces) * batch_size)}
+
+
+# -- logging helpers -----------------------------------------------------------------------------
+class ExpertCounter:
+    """Tokens routed to each expert, per MoE layer, since the last ``take()``."""
+
+    def __init__(self, model: nn.Module):
+        self.counts: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in model.named_modules()
+                        if hasattr(m, "e_score_correction_bias") and hasattr(m, "top_k")]
+
+    def _hook(self, name: str):
+        def hook(module, args, output) -> None:
+            idx = output[2]  # (router_logits, topk_weights, topk_indices [T, k])
+            c = torch.bincount(idx.reshape(-1), minlength=module.num_experts)
+            self.counts[name] = self.counts.get(name, 0) + c
+        return hook
+
+    def take(self) -> dict[str, list[int]]:
+        out = {n.removesuffix(".mlp.gate"): c.tolist() for n, c in self.counts.items()}
+        self.counts = {}
+        return out
+
+
+# -- INT4 sources: which scale rule reproduces them ----------------------------------------------
+def audit_int4(path: str | Path, scheme: QuantScheme) -> dict:
+    """For every targeted INT4 tensor of ``path``: do its dequantized weights re-quantize to the stored
+    codes and scales under each scale rule? ``{rule: {"codes": share, "scales": share}, "tensors": n}``."""
+    ckpt = Checkpoint(path)
+    src = source.detect(ckpt)
+    mods, _ = source.modules(ckpt, src)
+    same = {r: [0, 0] for r in int4_group.DIVISOR}  # rule -> [codes equal, scales equal]
+    n_codes = n_scales = n = 0
+    for mod in mods.values():
+        if mod.rep != source.INT4 or not scheme.matches(mod.name):
+            continue
+        q = int4_group.unpack(ckpt.read(mod.parts["packed"].name), mod.shape[-1])
+        scale = ckpt.read(mod.parts["scale"].name)
+        w = int4_group.dequantize(q, scale, src.scheme, torch.bfloat16)  # what the loader gives the model
+        for rule in same:
+            q2, s2 = int4_group.quantize_weight(w, src.scheme.with_(scale_rule=rule))
+            same[rule][0] += int((q2 == q).sum())
+            same[rule][1] += int((s2 == scale).sum())
+        n_codes, n_scales, n = n_codes + q.numel(), n_scales + scale.numel(), n + 1
+    out: dict = {r: {"codes": c / max(1, n_codes), "scales": s / max(1, n_scales)} for r, (c, s) in same.items()}
+    out["tensors"] = n
+    return out
+
+
+def _check_int4_source(cfg: QatConfig, scheme: QuantScheme) -> dict | None:
+    if source.detect(Checkpoint(cfg.src)).name != "int4":
+        return None
+    audit = audit_int4(cfg.src, scheme)
+    exact = [r for r in int4_group.DIVISOR if audit[r]["codes"] == 1.0 and audit[r]["scales"] == 1.0]
+    if audit["tensors"] and cfg.scale_rule not in exact and not cfg.requantize:
+        found = f"the {exact[0]} rule" if exact else "neither scale rule"
+        shares = ", ".join(f"{r}: {audit[r]['codes']:.2%} of codes, {audit[r]['scales']:.2%} of scales"
+                           for r in int4_group.DIVISOR)
+        fix = f"pass --scale-rule {exact[0]}" if exact else "pass --requantize to start from its dequantized weights"
+        raise K2QuantError(f"{cfg.src}: INT4 checkpoint is reproduced exactly by {found}, not by --scale-rule "
+                           f"{cfg.scale_rule} ({shares}), so step 0 would not equal the shipped model; {fix}")
+    return audit
+
+
+# -- state: save, resume -------------------------------------------------------------------------
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+
+
+def save_state(state_dir: Path, cfg: QatConfig, step: int, student: nn.Module, masters: Masters,
+               opt: torch.optim.Optimizer, sched, tokenizer) -> None:
+    """Write the whole run state next to ``state_dir`` and swap it in (the old state survives a crash)."""
+    tmp = state_dir.with_name(state_dir.name + ".k2q-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ckpt = Checkpoint(cfg.src)
+    for p in ckpt.other_files():  # generation config, tokenizer, chat template, ...
+        (tmp / p.relative_to(ckpt.path)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(p, tmp / p.relative_to(ckpt.path))
+    tokenizer.save_pretrained(str(tmp))
+    save_file({k: v.detach().contiguous() for k, v in student.state_dict().items()}, str(tmp / MODEL_FILE))
+    torch.save({"step": step, "masters": masters.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": _rng_state()}, tmp / TRAINER_FILE)
+    cfg_src = {k: v for k, v in ckpt.config.items() if k not in ("quantization_config", "compression_config")}
+    (tmp / CONFIG).write_text(json.dumps(cfg_src, indent=2))
+    (tmp / RUN_FILE).write_text(json.dumps({"config": dataclasses.asdict(cfg), "step": step}, indent=2))
+    old = state_dir.with_name(state_dir.name + ".k2q-old")
+    if state_dir.exists():
+        os.replace(state_dir, old)
+    os.replace(tmp, state_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_run(state_dir: str | Path) -> tuple[QatConfig, int]:
+    """The config and step saved in a state directory."""
+    p = Path(state_dir) / RUN_FILE
+    if not p.is_file():
+        raise K2QuantError(f"{state_dir}: not a k2quant qat state directory (no {RUN_FILE}); pass the `state` "
+                           f"directory inside a qat --out directory")
+    run = json.loads(p.read_text())
+    return QatConfig(**run["config"]), int(run["step"])
+
+
+def check_resume(saved: QatConfig, cfg: QatConfig, state_dir: str | Path) -> None:
+    """A resumed run must use the settings that decide the result; name each one that differs."""
+    diff = [f"{f}: saved {getattr(saved, f)!r}, given {getattr(cfg, f)!r}" for f in RESULT_FIELDS
+            if getattr(saved, f) != getattr(cfg, f)]
+    if diff:
+        raise K2QuantError(f"{state_dir}: cannot resume with different settings ({'; '.join(diff)}); "
+                           f"rerun with the saved settings or start a new run")
+
+
+def _load_state(state_dir: Path, student: nn.Module, masters: Masters, opt, sched) -> int:
+    student.load_state_dict(load_file(str(state_dir / MODEL_FILE)))
+    tr = torch.load(state_dir / TRAINER_FILE, weights_only=False)
+    masters.load_state_dict(tr["masters"])
+    opt.load_state_dict(tr["optimizer"])
+    sched.load_state_dict(tr["scheduler"])
+    _set_rng_state(tr["rng"])
+    return int(tr["step"])
+
+
+def _prepare_out(out: Path, resuming: bool) -> None:
+    """The output may be empty or hold only this run's state and logs (a resume)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory; choose a directory for --out")
+    extra = sorted(p.name for p in out.iterdir() if p.name != STATE and not p.name.startswith(STATE + ".k2q")) \
+        if out.exists() else []
+    if extra and not resuming:
+        raise OutputError(f"{out}: output directory is not empty ({', '.join(extra[:5])}); choose an empty "
+                          f"directory, or pass --resume {out / STATE} to continue a run")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# -- the run -------------------------------------------------------------------------------------
+Progress = Callable[[dict], None]
+
+
+def _tokenizer(cfg: QatConfig):
+    from transformers import AutoTokenizer
+
+    where = cfg.tokenizer or cfg.src
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as exc:
+        raise K2QuantError(f"{where}: no loadable tokenizer ({str(exc).splitlines()[0][:200]}); put the tokenizer "
+                           f"files in the checkpoint directory or pass --tokenizer DIR") from None
+
+
+def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | None = None) -> QatReport:
+    """Train ``cfg.src`` with fake-quant targets for ``cfg.steps`` steps, save state, and export INT4."""
+    from accelerate import Accelerator
+
+    t0 = time.perf_counter()
+    scheme = cfg.scheme()
+    out = Path(cfg.out)
+    if resume is not None:
+        check_resume(read_run(resume)[0], cfg, resume)
+    _prepare_out(out, resume is not None)
+    audit = _check_int4_source(cfg, scheme)
+    torch.manual_seed(cfg.seed)
+    tokenizer = _tokenizer(cfg)
+    train_seqs, held = datasets(cfg, tokenizer)
+    accelerator = Accelerator()  # devices, processes; dtypes are k2quant's own (fp32 masters, bf16 compute)
+    student, teacher = build_models(cfg, scheme)  # wrappers go on before any sharding
+    student, teacher = accelerator.prepare_model(student), teacher.to(accelerator.device)
+    masters = Masters(student)
+    opt = torch.optim.AdamW(masters.masters, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg))
+    step = _load_state(Path(resume), student, masters, opt, sched) if resume is not None else 0
+    counter = ExpertCounter(student)
+    last_codes = _codes(student) if cfg.log_every else {}
+    logf = open(cfg.json_log, "a" if resume is not None else "w") if cfg.json_log else None
+    try:
+        while step < cfg.steps and (cfg.stop_after is None or step < cfg.stop_after):
+            rec = _train_step(cfg, accelerator, student, teacher, masters, opt, sched, train_seqs, step)
+            step += 1
+            if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps):
+                codes = _codes(student)
+                rec["flip_rate"] = qat.flip_rate(last_codes, codes)
+                last_codes = codes
+            rec["expert_tokens"] = counter.take()
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                rec["eval"] = evaluate(student, teacher, held, cfg.batch_size, cfg.eval_batches)
+                counter.take()
+            _emit(rec, logf, progress)
+            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or step == cfg.stop_after:
+                save_state(out / STATE, cfg, step, accelerator.unwrap_model(student), masters, opt, sched, tokenizer)
+    finally:
+        if logf:
+            logf.close()
+        for h in counter.handles:
+            h.remove()
+    result = evaluate(student, teacher, held, cfg.batch_size, cfg.eval_batches) if step == cfg.steps else {}
+    exported = step == cfg.steps and cfg.export
+    if exported:
+        export(out / STATE, out, replace=True)
+    return QatReport(str(out), step, round(time.perf_counter() - t0, 3), source.detect(Checkpoint(cfg.src)).name,
+                     cfg.scale_rule, audit, result, exported)
+
+
+def _codes(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: q for k, (q, _) in qat.codes(model).items()}
+
+
+def _train_step(cfg: QatConfig, accelerator, student: nn.Module, teacher: nn.Module, masters: Masters,
+                opt: torch.optim.Optimizer, sched, seqs: torch.Tensor, step: int) -> dict:
+    t0 = time.perf_counter()
+    ids = seqs[batch_indices(len(seqs), cfg.batch_size, step, cfg.seed)].to(accelerator.device)  # [B, T]
+    loss, parts = losses(cfg, student, teacher, ids)
+    accelerator.backward(loss)
+    masters.grads_to_masters()
+    norm = torch.nn.utils.clip_grad_norm_(masters.masters, cfg.clip) if cfg.clip > 0 else torch.tensor(0.0)
+    lr = sched.get_last_lr()[0]
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    masters.masters_to_params()
+    dt = time.perf_counter() - t0
+    return {"step": step + 1, "loss": loss.item(), **parts, "lr": lr, "grad_norm": float(norm),
+            "step_s": dt, "tokens_per_s": ids.numel() / dt}
+
+
+def _emit(rec: dict, logf, progress: Progress | None) -> None:
+    if logf:
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+    if progress:
+        progress(rec)
+    log.debug("step %d loss %.5f", rec["step"], rec["loss"])
+
+
+# -- export --------------------------------------------------------------------------------------
+def per_expert_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' fused expert tensors split into Kimi's per-expert ``.weight`` names; the rest as is."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        holder, _, param = name.rpartition(".")
+        if param not in qat.wrap.EXPERT_PROJ or t.dim() != 3:
+            out[name] = t
+            continue
+        projs = qat.wrap.EXPERT_PROJ[param]
+        rows = t.shape[1] // len(projs)
+        for e in range(t.shape[0]):
+            for i, proj in enumerate(projs):
+                out[f"{holder}.{e}.{proj}.weight"] = t[e, i * rows:(i + 1) * rows].contiguous()  # [N, K]
+    return out
+
+
+def export(state_dir: str | Path, out: str | Path, replace: bool = False,
+           progress: convert.Progress | None = None) -> convert.ConvertReport:
+    """The INT4 checkpoint of a qat state: targeted fp32 masters through convert, config and tokenizer kept."""
+    state_dir, out = Path(state_dir), Path(out)
+    cfg, _ = read_run(state_dir)
+    if not replace:
+        _prepare_out(out, resuming=False)
+    sd = per_expert_state_dict(load_file(str(state_dir / MODEL_FILE)))
+    config = json.loads((state_dir / CONFIG).read_text())
+    with tempfile.TemporaryDirectory(prefix=".k2q-export-", dir=out) as tmp:
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        tiny.write_checkpoint(tmp, sd, config, num_shards=max(1, -(-total // plan.DEFAULT_MAX_SHARD)),
+                              move_scale=False)
+        for p in state_dir.iterdir():  # tokenizer, generation config, ... (not the trainer's own files)
+            if p.is_file() and p.name not in (MODEL_FILE, TRAINER_FILE, RUN_FILE, CONFIG):
+                shutil.copy2(p, Path(tmp) / p.name)
+        return convert.convert(tmp, out, "int4", cfg.scheme(), force=True, progress=progress)

@@ -1,0 +1,47 @@
+"""Test helpers that read checkpoints with the safetensors library itself (not k2quant's reader)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def read_all(path: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out |= load_file(str(f))
+    return out
+
+
+def config(path: Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def index(path: Path) -> dict:
+    return json.loads((Path(path) / "model.safetensors.index.json").read_text())
+
+
+def ct_int4_compress(w: torch.Tensor, group_size: int = 32) -> dict[str, torch.Tensor]:
+    """compressed-tensors 0.20's own scale computation and pack-quantized compressor (the oracle)."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size)
+    n, k = w.shape
+    g = w.reshape(n, k // group_size, group_size)
+    scale, zp = calculate_qparams(g.amin(-1), g.amax(-1), args)
+    return PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp},
+                                                 QuantizationScheme(targets=["Linear"], weights=args))
+
+
+def ct_int4_decompress(packed, scale, shape, group_size: int = 32) -> torch.Tensor:
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size)
+    return PackedQuantizationCompressor.decompress(
+        {"weight_packed": packed, "weight_scale": scale, "weight_shape": shape},
+        QuantizationScheme(targets=["Linear"], weights=args))["weight"]
