@@ -39,10 +39,9 @@ import re
 from pathlib import Path
 
 from k2quant.errors import FormatError, K2QuantError, SchemeError, collect
-from k2quant.formats import bf16, ct_int4, deepseek_fp8, layout, tiny
+from k2quant.formats import bf16, ct_int4, deepseek_fp8, layout, shards, tiny
 from k2quant.formats import plan as fplan
 from k2quant.formats.checkpoint import CONFIG, INDEX, Checkpoint
-from k2quant.formats import shards
 from k2quant.formats.shards import Entry
 from k2quant.quant.scheme import QuantScheme
 
@@ -134,20 +133,16 @@ class CapacityReport:
     kv_values_per_token_per_layer: int  # kv_lora_rank + qk_rope_head_dim
     kv_dtype: str
     kv_bytes_per_token: int  # one replica, all layers
-    gpu: str
-    gpu_mem_bytes: int
-    gpus: int
-    tp: int
-    ep: int
-    dcp: int
+    cluster: Cluster
     context: int
     batch: int
-    reserve: float
+    reserve: float  # fraction of each GPU's memory
     formats: tuple[FormatPlan, ...]
     notes: tuple[str, ...] = ()
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+    def to_json(self) -> dict:
+        """Plain JSON-ready dict (sizes in bytes), like ``InspectReport.to_json``."""
+        return dataclasses.asdict(self)
 
 
 # -- parsing user input ------------------------------------------------------------------------
@@ -259,9 +254,9 @@ def config_entries(cfg: dict, target: str) -> list[Entry]:
     every ``layout.is_linear`` module, INT4 the default scheme's targets (routed experts).
     """
     scheme = fplan.target_scheme(target)
-    reps: dict[str, str] = {}  # one decision per module name up to its expert index (Kimi: 69k tensors)
+    reps: dict[str, str] = {}  # one decision per name up to its expert index (Kimi K2: 69k tensors)
     out: list[Entry] = []
-    problems: list[str] = []
+    ragged: list[tuple[str, int]] = []
     for name, shape in tiny.tensor_shapes(cfg).items():
         m = name.removesuffix(".weight")
         key = _EXPERT_INDEX.sub(".experts.0.", name)
@@ -269,13 +264,14 @@ def config_entries(cfg: dict, target: str) -> list[Entry]:
         if rep == "fp8":
             out += deepseek_fp8.entries(m, shape, scheme)
         elif rep == "int4":
-            if shape[1] % scheme.group_size and key not in problems:
-                problems.append(key)
+            ragged += [(name, shape[1])] if shape[1] % scheme.group_size else []
             out += ct_int4.entries(m, shape, scheme)
         else:
             out += bf16.entries(m, shape, rep) if name.endswith(".weight") else [Entry(name, rep, shape)]
-    collect([f"{k} has input dim not divisible by the INT4 group size {scheme.group_size}; this model cannot "
-             f"be planned in int4-g{scheme.group_size}" for k in problems], SchemeError)
+    if ragged:
+        more = f" (and {len(ragged) - 1} more like it)" if len(ragged) > 1 else ""
+        raise SchemeError(f"{ragged[0][0]}{more} has input dim {ragged[0][1]}, not divisible by the INT4 group "
+                          f"size {scheme.group_size}; this model cannot be planned in int4-g{scheme.group_size}")
     return out
 
 
@@ -418,9 +414,8 @@ def plan(model: Model, cluster: Cluster, context: int | None = None, batch: int 
         source=model.source, sizes_from=model.sizes_from, params=model.params,
         num_hidden_layers=cfg["num_hidden_layers"],
         kv_values_per_token_per_layer=cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"], kv_dtype=kv_dtype,
-        kv_bytes_per_token=per_token, gpu=cluster.gpu.name, gpu_mem_bytes=cluster.gpu.mem_bytes,
-        gpus=cluster.count, tp=cluster.tp, ep=cluster.ep, dcp=cluster.dcp, context=context, batch=batch,
-        reserve=reserve, formats=plans, notes=model.notes + tuple(_fit_notes(cfg, cluster, context, plans)))
+        kv_bytes_per_token=per_token, cluster=cluster, context=context, batch=batch, reserve=reserve,
+        formats=plans, notes=model.notes + tuple(_fit_notes(cfg, cluster, context, kv_dtype, plans)))
 
 
 def estimate(path: str | Path, cluster: Cluster, context: int | None = None, batch: int = 1,
@@ -443,7 +438,7 @@ def _model_notes(cfg: dict, from_headers: bool, bf16_bytes: WeightBytes) -> list
     return notes
 
 
-def _fit_notes(cfg: dict, cluster: Cluster, context: int, plans: tuple[FormatPlan, ...]) -> list[str]:
+def _fit_notes(cfg: dict, cluster: Cluster, context: int, kv_dtype: str, plans: tuple[FormatPlan, ...]) -> list[str]:
     """Caveats about this cluster and context."""
     notes = []
     e = cfg["n_routed_experts"]
@@ -457,6 +452,9 @@ def _fit_notes(cfg: dict, cluster: Cluster, context: int, plans: tuple[FormatPla
     if isinstance(max_pos, int) and any(p.max_context > max_pos for p in plans):
         notes.append(f"max context is what memory allows; the model itself stops at max_position_embeddings "
                      f"{max_pos:,}")
+    if kv_dtype != "bf16":
+        notes.append(f"KV cache in {kv_dtype} ({KV_DTYPES[kv_dtype]} B per value); published deployment sizes "
+                     f"assume the BF16 default (2 B)")
     if cluster.tp > cluster.dcp:
         notes.append(f"MLA's latent KV has no heads to split: each of the {cluster.tp} TP ranks holds the whole "
                      f"cache of its requests (--dcp splits tokens over ranks; --tp 1 --ep N serves each request "

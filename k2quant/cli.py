@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -68,10 +69,16 @@ def main() -> None:
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Output shard size.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Output shards converted in parallel.")
 @click.option("--device", default="cpu", show_default=True, help="Where the kernels run (cpu, cuda, cuda:1).")
-@click.option("--force", is_flag=True, help="Write into a non-empty output directory.")
+@click.option("--kernel", type=click.Choice(["auto", "fast", "reference"]), default="auto", show_default=True,
+              help="fast = compiled CPU kernels (numba); reference = pure torch (any device). Same bytes.")
+@click.option("--force", is_flag=True, help="Write into a non-empty output directory (clears old k2quant outputs).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run: keep finished shards, redo the rest.")
+@click.option("--rank", type=int, default=None, help="This process's rank when several machines share the work "
+              "(torchrun sets RANK/WORLD_SIZE itself).")
+@click.option("--world-size", type=int, default=None, help="Number of ranks sharing the work.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def convert(src, dst, target, group_size, scale_rule, targets, ignore, max_shard_size, workers, device,
-            force, as_json) -> None:
+            kernel, force, resume, rank, world_size, as_json) -> None:
     """Convert checkpoint SRC into DST in another format (bf16, fp8, int4)."""
     from k2quant.formats import convert as conv
     from k2quant.formats import plan
@@ -94,7 +101,8 @@ def convert(src, dst, target, group_size, scale_rule, targets, ignore, max_shard
 
     try:
         report = conv.convert(src, dst, target, scheme, max_shard_size=parse_size(max_shard_size),
-                              workers=workers, force=force, device=device, progress=progress, on_plan=on_plan)
+                              workers=workers, force=force, resume=resume, device=device, kernel=kernel,
+                              rank=rank, world_size=world_size, progress=progress, on_plan=on_plan)
     finally:
         bar.stop()
     if as_json:
@@ -109,8 +117,10 @@ def convert(src, dst, target, group_size, scale_rule, targets, ignore, max_shard
               human(report.bytes_out))
     out.print(t)
     rate = report.bytes_in / report.seconds / 1e6 if report.seconds else 0
-    out.print(f"{report.tensors_in} → {report.tensors_out} tensors, {report.shards} shard(s), "
-              f"{report.seconds:.2f} s ({rate:.0f} MB/s of source)")
+    kept = f" ({report.shards_kept} kept from the interrupted run)" if report.shards_kept else ""
+    ranks = f", rank {report.rank} of {report.world_size}" if report.world_size > 1 else ""
+    out.print(f"{report.tensors_in} → {report.tensors_out} tensors, {report.shards} shard(s){kept}, "
+              f"{report.seconds:.2f} s ({rate:.0f} MB/s of source, {report.kernel} kernels{ranks})")
 
 
 @main.command()
@@ -145,14 +155,53 @@ def inspect(path, check_rule, as_json) -> None:
     out.print(s)
 
 
+@main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.argument("dst", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+def verify(src, dst, as_json) -> None:
+    """Check that DST is a correct conversion of SRC (exit 1 if not)."""
+    from k2quant.formats import verify as ver
+
+    bar = Progress(TextColumn("[bold]verify"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                   console=console, disable=as_json)
+    task = bar.add_task("verify", total=None)
+
+    def on_start(total: int) -> None:
+        bar.update(task, total=total)
+        bar.start()
+
+    try:
+        r = ver.verify(src, dst, progress=lambda n, b: bar.update(task, advance=b), on_start=on_start)
+    finally:
+        bar.stop()
+    if as_json:
+        out.print_json(json.dumps(r.to_json()))
+    else:
+        c = r.checked
+        out.print(f"[bold]{r.dst}[/] ({r.format}) against {r.src}: {c.get('items', 0)} source items, "
+                  f"{c.get('quantized', 0)} quantized within bounds checked, {c.get('exact', 0)} exact, "
+                  f"{c.get('codes_kept', 0)} kept byte for byte, {c.get('shards_hashed', 0)} shard hashes")
+        if r.max_error:
+            out.print("worst error / allowed bound: " + ", ".join(f"{k} {v:.3f}" for k, v in r.max_error.items()))
+        if r.problems:
+            t = Table(title=f"{len(r.problems)} problem(s)")
+            for col in ("file", "tensor", "problem"):
+                t.add_column(col, overflow="fold")
+            for p in r.problems[:50]:
+                t.add_row(Path(p["file"]).name, p["tensor"], p["problem"])
+            out.print(t)
+        out.print("[bold green]OK[/]" if r.ok else "[bold red]FAILED[/]")
+    if not r.ok:
+        sys.exit(1)
+
+
 @main.command("make-tiny")
 @click.argument("dst", type=click.Path(file_okay=False, path_type=str))
 @click.option("--format", "fmt", type=click.Choice(["bf16", "fp8", "int4"]), default="fp8", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_tiny(dst, fmt, seed) -> None:
     """Write the embedded tiny Kimi-K2-architecture checkpoint (random weights) to DST."""
-    from pathlib import Path
-
     from k2quant.formats import tiny
 
     if Path(dst).exists() and any(Path(dst).iterdir()):
@@ -166,7 +215,7 @@ def _register_optional() -> None:
     import importlib
 
     for mod, names in (("k2quant.cli_plan", ("plan",)), ("k2quant.cli_eval", ("eval", "diff")),
-                       ("k2quant.cli_qat", ("qat",)), ("k2quant.cli_verify", ("verify",))):
+                       ("k2quant.cli_qat", ("qat",))):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as exc:

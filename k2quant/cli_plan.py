@@ -5,14 +5,15 @@ Parses the options, calls ``capacity.estimate`` once, renders the report side by
 """
 from __future__ import annotations
 
-from typing import Callable
+import json
+from collections.abc import Callable
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from k2quant import capacity
-from k2quant.capacity import GIB, CapacityReport, FormatPlan
+from k2quant.capacity import GIB, CapacityReport, FormatPlan, Gpu
 
 GB = 10**9
 
@@ -43,7 +44,7 @@ def plan(model: str, gpus: str, gpu_mem: str | None, context: str | None, batch:
     fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
     report = capacity.estimate(model, cluster, tokens, batch, fmts, kv_dtype, reserve)
     if as_json:
-        click.echo(report.to_json())
+        click.echo(json.dumps(report.to_json(), indent=2))
     else:
         render(report, Console(width=max(100, Console().width)))
 
@@ -55,9 +56,10 @@ def render(report: CapacityReport, console: Console) -> None:
     console.print(f"[bold]{r.source}[/]: sizes from {src}; {r.params / 1e9:,.1f} B parameters")
     console.print(f"KV cache (MLA latent): {r.num_hidden_layers} layers x {r.kv_values_per_token_per_layer} values x "
                   f"{capacity.KV_DTYPES[r.kv_dtype]} B ({r.kv_dtype}) = {r.kv_bytes_per_token:,} B per token")
-    console.print(f"{r.gpus} x {r.gpu} at {_gib(r.gpu_mem_bytes)} each ({_basis(r)}); TP {r.tp} x EP {r.ep}"
-                  + (f", DCP {r.dcp}" if r.dcp > 1 else ""))
-    console.print(f"context {r.context:,} tokens x batch {r.batch}; reserve {r.reserve:.0%} of each GPU")
+    c = r.cluster
+    console.print(f"{c.count} x {c.gpu.name} at {_gib(c.gpu.mem_bytes)} each ({_basis(c.gpu)}); TP {c.tp} x EP {c.ep}"
+                  + (f", DCP {c.dcp}" if c.dcp > 1 else ""))
+    console.print(f"context {r.context:,} tokens x batch {r.batch}; reserve {r.reserve * 100:g}% of each GPU")
     console.print(table(r))
     for note in r.notes:
         console.print(f"note: {note}")
@@ -65,6 +67,7 @@ def render(report: CapacityReport, console: Console) -> None:
 
 def table(r: CapacityReport) -> Table:
     """One column per format; rows in the order the per-GPU total adds up."""
+    kv_tokens, kv_requests = -(-r.context // r.cluster.dcp), -(-r.batch // r.cluster.ep)  # cached on one GPU
     t = Table(show_edge=False, header_style="bold")
     t.add_column("")
     for p in r.formats:
@@ -73,10 +76,10 @@ def table(r: CapacityReport) -> Table:
         ("weights, checkpoint (GB = 1e9 B)", lambda p: f"{p.weight_bytes / GB:,.1f} GB"),
         ("  of which scales", lambda p: f"{p.scale_bytes / GB:,.2f} GB"),
         ("weights per GPU", lambda p: _gib(p.weight_bytes_per_gpu)),
-        (f"KV cache per GPU ({r.context:,} x {r.batch})", lambda p: _gib(p.kv_bytes_per_gpu)),
-        (f"reserve ({r.reserve:.0%})", lambda p: _gib(p.reserve_bytes)),
+        (f"KV cache per GPU ({kv_tokens:,} tok x {kv_requests} req)", lambda p: _gib(p.kv_bytes_per_gpu)),
+        (f"reserve ({r.reserve * 100:g}%)", lambda p: _gib(p.reserve_bytes)),
         ("total per GPU", lambda p: _gib(p.total_bytes_per_gpu)),
-        ("GPU memory", lambda p: _gib(r.gpu_mem_bytes)),
+        ("GPU memory", lambda p: _gib(r.cluster.gpu.mem_bytes)),
         ("headroom", lambda p: _gib(p.headroom_bytes)),
         ("verdict", lambda p: _verdict(p)),
         (f"max context at batch {r.batch}", lambda p: f"{p.max_context:,}"),
@@ -87,10 +90,9 @@ def table(r: CapacityReport) -> Table:
     return t
 
 
-def _basis(r: CapacityReport) -> str:
-    gpu = capacity.GPUS.get(r.gpu)
-    if gpu is None or gpu.mem_bytes != r.gpu_mem_bytes:
-        return "--gpu-mem"
+def _basis(gpu: Gpu) -> str:
+    if gpu.source == "--gpu-mem":
+        return f"--gpu-mem {gpu.label}"
     return f"driver-reported total; sold as {gpu.label}"
 
 

@@ -1,27 +1,45 @@
-"""Execute a conversion plan: stream tensors shard by shard, write atomically, index last."""
+"""Execute a conversion plan: stream tensors shard by shard in row chunks, write atomically, index last.
+
+Memory stays bounded whatever the model size: big tensors are read, converted and written in row
+chunks of about ``CHUNK_ELEMS`` elements; small ones are read one item ahead by a prefetch thread
+while the current one computes, and a writer thread hashes and writes the output.
+
+Interrupted runs resume (``resume=True``): each finished shard leaves a record (its inputs, sha256,
+size) under ``.k2q-state/``; a resumed run keeps shards whose record and hash match and redoes the
+rest. Scale-out: rank ``r`` of ``world`` converts shards ``i % world == r``; rank 0 writes the
+manifest, config and index once every shard has its record.
+"""
 from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
 import errno
+import json
 import multiprocessing
 import os
+import queue
 import shutil
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-from k2quant.errors import FormatError, OutputError
-from k2quant.formats import ct_int4, deepseek_fp8, layout, shards, source
+from k2quant.errors import FormatError, OutputError, collect
+from k2quant.formats import layout, shards, source
 from k2quant.formats.checkpoint import CONFIG, INDEX, Checkpoint
 from k2quant.formats.plan import DEFAULT_MAX_SHARD, Item, Plan, make_plan
-from k2quant.quant import fp8_block, int4_group
+from k2quant.quant import dispatch
 from k2quant.quant.scheme import QuantScheme
 
 #: progress(items_done, source_bytes_done) increments
 Progress = Callable[[int, int], None]
+CHUNK_ELEMS = 1 << 24  # elements per row chunk of a big tensor
+PREFETCH_BYTES = 256 << 20  # items up to this size are read whole, one item ahead
+RAW_CHUNK = 64 << 20  # passthrough copies move this many bytes at a time
+STATE_DIR = ".k2q-state"
+MANIFEST = "k2quant_manifest.json"
 
 
 @dataclasses.dataclass
@@ -35,8 +53,12 @@ class ConvertReport:
     bytes_in: int
     bytes_out: int
     shards: int
+    shards_kept: int
     seconds: float
     workers: int
+    kernel: str
+    rank: int
+    world_size: int
     by_class: dict[str, dict[str, int]]
 
     def to_json(self) -> dict:
@@ -44,49 +66,145 @@ class ConvertReport:
 
 
 # -- one item ------------------------------------------------------------------------------------
-def decode(item: Item, src: source.SourceFormat, device: str = "cpu") -> torch.Tensor:
-    """The item's float weight: stored plain weights as they are, quantized ones dequantized to BF16."""
+@dataclasses.dataclass
+class _Ctx:
+    src: source.SourceFormat
+    scheme: QuantScheme | None
+    ops: dispatch.Ops
+    device: str
+
+
+class _Reader:
+    """Rows of an item's source tensors: from a prefetched copy, or read from disk on demand."""
+
+    def __init__(self, item: Item, data: dict[str, torch.Tensor] | None):
+        self.item, self.data = item, data
+
+    def rows(self, role: str, r0: int, r1: int) -> torch.Tensor:
+        if self.data is not None:
+            return self.data[role][r0:r1]
+        return shards.read_rows(self.item.part(role), r0, r1)
+
+    def whole(self, role: str) -> torch.Tensor:
+        return self.data[role] if self.data is not None else shards.read_tensor(self.item.part(role))
+
+
+def prefetch(item: Item) -> dict[str, torch.Tensor] | None:
+    """The item's source tensors, whole, when the item is small enough to hold one ahead."""
+    if item.src_bytes > PREFETCH_BYTES:
+        return None
+    return {role: shards.read_tensor(info) for role, info in item.sources}
+
+
+def _chunks(item: Item, ctx: _Ctx) -> list[tuple[int, int]]:
+    n, k = item.shape
+    align = 1
+    for sch, rep in ((ctx.src.scheme, item.src_rep.rstrip("*")), (ctx.scheme, item.dst_rep)):
+        if rep == source.FP8:
+            align = max(align, sch.block_size[0])  # tiles never split across chunks
+    rows = max(align, (CHUNK_ELEMS // max(k, 1)) // align * align)
+    return [(r, min(r + rows, n)) for r in range(0, n, rows)]
+
+
+def _fp8_rows(item: Item, rd: _Reader, ctx: _Ctx, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    bn = ctx.src.scheme.block_size[0]
+    q = rd.rows("weight", r0, r1).to(ctx.device)
+    if bool(((q.view(torch.uint8) & 0x7F) == 0x7F).any()):
+        w = item.part("weight")
+        raise FormatError(f"{w.file}: FP8 weight {w.name!r} holds NaN codes (0x7f/0xff); the checkpoint is "
+                          f"corrupt: re-download this shard")
+    return q, rd.rows("scale", r0 // bn, -(-r1 // bn)).to(ctx.device).to(torch.float32)
+
+
+def _decode_rows(item: Item, rd: _Reader, ctx: _Ctx, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of the item's float weight (stored plain as is, quantized ones dequantized to BF16)."""
     rep = item.src_rep.rstrip("*")
     if rep == source.FP8:
-        winfo = item.part("weight")
-        q = shards.read_tensor(winfo).to(device)
-        if bool(((q.view(torch.uint8) & 0x7F) == 0x7F).any()):
-            raise FormatError(f"{winfo.file}: FP8 weight {winfo.name!r} holds NaN codes (0x7f/0xff); the "
-                              f"checkpoint is corrupt: re-download this shard")
-        scale = shards.read_tensor(item.part("scale")).to(device)
-        return fp8_block.dequantize(q, scale, src.scheme, torch.bfloat16)
+        return ctx.ops.fp8_decode(*_fp8_rows(item, rd, ctx, r0, r1), ctx.src.scheme)
     if rep == source.INT4:
-        pinfo = item.part("packed")
-        shape = tuple(int(d) for d in shards.read_tensor(item.part("shape")).tolist())
-        if shape != tuple(item.shape):
-            raise FormatError(f"{item.part('shape').file}: {item.part('shape').name!r} says {list(shape)} but "
-                              f"the packed codes and scales hold {list(item.shape)}; the checkpoint is inconsistent")
-        q = int4_group.unpack(shards.read_tensor(pinfo).to(device), shape[-1])
-        scale = shards.read_tensor(item.part("scale")).to(device)
-        return int4_group.dequantize(q, scale, src.scheme, torch.bfloat16)
-    return shards.read_tensor(item.sources[0][1]).to(device)
+        packed, scale = rd.rows("packed", r0, r1).to(ctx.device), rd.rows("scale", r0, r1).to(ctx.device)
+        return ctx.ops.int4_decode(packed, scale, item.shape[1], ctx.src.scheme)
+    role = item.sources[0][0]
+    return rd.rows(role, r0, r1).to(ctx.device)
 
 
-def _encode(item: Item, w: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+def _check_int4_shape(item: Item, rd: _Reader) -> None:
+    shape = tuple(int(d) for d in rd.whole("shape").tolist())
+    if shape != tuple(item.shape):
+        info = item.part("shape")
+        raise FormatError(f"{info.file}: {info.name!r} says {list(shape)} but the packed codes and scales hold "
+                          f"{list(item.shape)}; the checkpoint is inconsistent")
+
+
+def _check_finite(item: Item, w: torch.Tensor) -> None:
     if not bool(torch.isfinite(w).all()):
         info = item.sources[0][1]
         bad = int((~torch.isfinite(w)).sum())
         raise FormatError(f"{info.file}: weight {item.key}.weight holds {bad} NaN/Inf values and cannot be "
                           f"quantized; fix the source weights or keep this module unquantized with --ignore {item.key}")
-    enc = {source.FP8: deepseek_fp8.encode, source.INT4: ct_int4.encode}[item.dst_rep]
-    return enc(item.key, w, scheme)
 
 
-def run_item(item: Item, src: source.SourceFormat, scheme: QuantScheme | None,
-             device: str = "cpu") -> dict[str, torch.Tensor]:
-    """The output tensors of one item, by name (dtypes and shapes as ``item.entries`` says)."""
+def _passthrough(item: Item, rd: _Reader) -> Iterator[tuple[str, object]]:
+    for entry, (role, info) in zip(item.entries, item.sources):
+        if entry.dtype != info.dtype:  # e.g. a BF16 compressed-tensors FP8 scale written as F32 (exact)
+            yield entry.name, rd.whole(role).to(shards.DTYPES[entry.dtype])
+        elif rd.data is not None:
+            yield entry.name, rd.data[role]
+        else:
+            for off in range(0, info.nbytes, RAW_CHUNK):
+                yield entry.name, shards.read_bytes(info, off, min(RAW_CHUNK, info.nbytes - off))
+
+
+def pieces(item: Item, ctx: _Ctx, data: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, object]]:
+    """The item's output as ``(entry name, tensor chunk or raw bytes)`` in write order."""
+    rd = _Reader(item, data)
     if item.passthrough:
-        out = {e.name: shards.read_tensor(info) for e, (_, info) in zip(item.entries, item.sources)}
-        return {e.name: out[e.name].to(shards.DTYPES[e.dtype]) for e in item.entries}
-    w = decode(item, src, device)
-    if item.dst_rep == source.PLAIN:
-        return {item.entries[0].name: w.to(shards.DTYPES[item.entries[0].dtype])}
-    return _encode(item, w, scheme)
+        yield from _passthrough(item, rd)
+        return
+    if item.src_rep.rstrip("*") == source.INT4:
+        _check_int4_shape(item, rd)
+    names = [e.name for e in item.entries]
+    scales = []
+    fused = item.src_rep.rstrip("*") == source.FP8 and item.dst_rep == source.INT4
+    for r0, r1 in _chunks(item, ctx):
+        if fused:
+            packed, scale = ctx.ops.fp8_to_int4(*_fp8_rows(item, rd, ctx, r0, r1), ctx.src.scheme, ctx.scheme)
+            yield names[0], packed.cpu()
+            scales.append(scale.cpu())
+            continue
+        w = _decode_rows(item, rd, ctx, r0, r1)
+        if item.dst_rep == source.PLAIN:
+            yield names[0], w.to(shards.DTYPES[item.entries[0].dtype]).cpu()
+            continue
+        _check_finite(item, w)
+        encode = ctx.ops.fp8_encode if item.dst_rep == source.FP8 else ctx.ops.int4_encode
+        q, scale = encode(w, ctx.scheme)
+        yield names[0], q.cpu()
+        scales.append(scale.cpu())
+    if item.dst_rep == source.FP8:
+        yield names[1], torch.cat(scales).to(torch.float32)
+    elif item.dst_rep == source.INT4:
+        yield names[1], torch.cat(scales).to(torch.bfloat16)
+        yield names[2], torch.tensor(list(item.shape), dtype=torch.int64)
+
+
+def run_item(item: Item, src: source.SourceFormat, scheme: QuantScheme | None, device: str = "cpu",
+             kernel: str = "reference") -> dict[str, torch.Tensor]:
+    """The output tensors of one item, whole, by name (for loaders and tests; convert streams ``pieces``)."""
+    ctx = _Ctx(src, scheme, dispatch.ops(kernel, device), device)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for name, chunk in pieces(item, ctx, prefetch(item)):
+        if not isinstance(chunk, torch.Tensor):
+            chunk = torch.frombuffer(chunk, dtype=torch.uint8)
+        parts.setdefault(name, []).append(chunk)
+    out = {}
+    for e in item.entries:
+        chunks = parts.get(e.name, [])
+        t = torch.cat([c.reshape(-1, *e.shape[1:]) if e.shape else c for c in chunks]) if len(chunks) > 1 else chunks[0]
+        if t.dtype == torch.uint8 and e.dtype != "U8":  # raw bytes from a passthrough copy
+            t = t.view(shards.DTYPES[e.dtype])
+        out[e.name] = t.reshape(e.shape)
+    return out
 
 
 # -- one shard -----------------------------------------------------------------------------------
@@ -97,38 +215,97 @@ class ShardJob:
     src: source.SourceFormat
     scheme: QuantScheme | None
     device: str = "cpu"
+    kernel: str = "auto"
+    threads: int = 0  # torch/numba threads in a worker process (0: leave as is)
 
 
-def run_shard(job: ShardJob, progress: Progress | None = None) -> tuple[int, int]:
-    """Write one output shard (temp name, then rename). Returns ``(items, source bytes)``."""
-    entries = [e for it in job.items for e in it.entries]
-    writer = shards.ShardWriter(job.path, entries)
+class _AsyncWriter:
+    """A ShardWriter fed from a bounded queue by a thread, so writing overlaps reading and compute."""
+
+    def __init__(self, writer: shards.ShardWriter, depth: int = 4):
+        self.writer, self.q = writer, queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    name, data = job
+                    if isinstance(data, torch.Tensor):
+                        self.writer.write(name, data)
+                    else:
+                        self.writer.write_raw(name, data)
+                except BaseException as exc:  # re-raised in the producer thread
+                    self.error = exc
+
+    def put(self, name: str, data: object) -> None:
+        if self.error:
+            raise self.error
+        self.q.put((name, data))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+
+def run_shard(job: ShardJob, progress: Progress | None = None) -> dict:
+    """Write one output shard (temp name, then rename). Returns its record (inputs, sha256, bytes)."""
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    ctx = _Ctx(job.src, job.scheme, dispatch.ops(job.kernel, job.device), job.device)
+    writer = shards.ShardWriter(job.path, [e for it in job.items for e in it.entries])
+    out = _AsyncWriter(writer)
     try:
-        for it in job.items:
-            out = run_item(it, job.src, job.scheme, job.device)
-            for e in it.entries:
-                writer.write(e.name, out[e.name].cpu())
-            if progress:
-                progress(1, it.src_bytes)
-        writer.commit()
+        with cf.ThreadPoolExecutor(1) as reader:
+            ahead = reader.submit(prefetch, job.items[0]) if job.items else None
+            for i, it in enumerate(job.items):
+                data = ahead.result()
+                ahead = reader.submit(prefetch, job.items[i + 1]) if i + 1 < len(job.items) else None
+                for name, chunk in pieces(it, ctx, data):
+                    out.put(name, chunk)
+                if progress:
+                    progress(1, it.src_bytes)
+        out.close()
+        sha = writer.commit()
     except OSError as exc:
+        _drain(out)
         writer.abort()
         if exc.errno == errno.ENOSPC:
             raise OutputError(f"{job.path.parent}: disk full while writing {job.path.name}; the partial file was "
                               f"removed and no index was written. Free space (or use another disk) and run again")
         raise OutputError(f"{job.path}: cannot write ({exc.strerror})") from None
     except BaseException:
+        _drain(out)
         writer.abort()
         raise
-    return len(job.items), sum(it.src_bytes for it in job.items)
+    inputs = sorted({info.file.name for it in job.items for _, info in it.sources})
+    return {"shard": job.path.name, "inputs": inputs, "sha256": sha, "bytes": job.path.stat().st_size,
+            "tensors": sum(len(it.entries) for it in job.items), "items": len(job.items),
+            "source_bytes": sum(it.src_bytes for it in job.items)}
 
 
-def _init_worker() -> None:
-    torch.set_num_threads(1)
+def _drain(out: _AsyncWriter) -> None:
+    try:
+        out.close()
+    except BaseException:
+        pass
 
 
-# -- output directory ----------------------------------------------------------------------------
-def prepare_output(src: Path, dst: Path, need_bytes: int, force: bool) -> None:
+# -- output directory and resume state -------------------------------------------------------------
+def _fingerprint(ckpt: Checkpoint) -> dict:
+    return {"files": {f.name: f.stat().st_size for f in ckpt.files}, "tensors": len(ckpt.tensors)}
+
+
+def run_settings(plan: Plan, ckpt: Checkpoint) -> dict:
+    """What must be equal for a resumed run to continue an interrupted one."""
+    return plan.settings() | {"source": str(ckpt.path.resolve()), "source_files": _fingerprint(ckpt)}
+
+
+def prepare_output(src: Path, dst: Path, need_bytes: int, force: bool, resume: bool = False) -> None:
     """Refuse unsafe outputs before anything is written; with ``force`` clear old k2quant outputs."""
     s, d = src.resolve(), dst.resolve()
     if d == s or d.is_relative_to(s):
@@ -136,13 +313,16 @@ def prepare_output(src: Path, dst: Path, need_bytes: int, force: bool) -> None:
                           f"never be modified: choose a directory outside {src}")
     if d.exists() and not d.is_dir():
         raise OutputError(f"{dst}: exists and is not a directory; choose a directory path")
-    if d.exists() and any(d.iterdir()):
+    if d.exists() and any(d.iterdir()) and not resume:
         if not force:
             n = sum(1 for _ in d.iterdir())
-            raise OutputError(f"{dst}: output directory is not empty ({n} entries); choose an empty directory "
+            hint = " (it holds an interrupted k2quant run: pass --resume to continue it)" \
+                if (d / STATE_DIR).exists() else ""
+            raise OutputError(f"{dst}: output directory is not empty ({n} entries){hint}; choose an empty directory "
                               f"or pass --force to replace k2quant outputs in it")
-        for p in list(d.glob("*.safetensors")) + list(d.glob("*" + shards.TMP_SUFFIX)) + [d / INDEX]:
+        for p in list(d.glob("*.safetensors")) + list(d.glob("*" + shards.TMP_SUFFIX)) + [d / INDEX, d / MANIFEST]:
             p.unlink(missing_ok=True)
+        shutil.rmtree(d / STATE_DIR, ignore_errors=True)
     try:
         d.mkdir(parents=True, exist_ok=True)
         probe = d / (".k2q-probe" + shards.TMP_SUFFIX)
@@ -157,9 +337,60 @@ def prepare_output(src: Path, dst: Path, need_bytes: int, force: bool) -> None:
                           f"{free / 1e9:.2f} GB are free; free space or choose another disk")
 
 
-def _verify_headers(plan: Plan, dst: Path) -> None:
-    """Read every written header back and compare it with the plan (names, dtypes, shapes)."""
+def _resume_state(dst: Path, settings: dict, plan: Plan) -> dict[str, dict]:
+    """Records of shards an interrupted run finished and that are intact; refuse changed settings."""
+    state = dst / STATE_DIR
+    manifest = dst / MANIFEST
+    saved = None
+    if (state / "settings.json").exists():
+        saved = json.loads((state / "settings.json").read_text())
+    elif manifest.exists():
+        saved = json.loads(manifest.read_text())["settings"]
+    if saved is None:
+        if any(dst.glob("*.safetensors")):
+            raise OutputError(f"{dst}: --resume found shards but no k2quant run state ({STATE_DIR}/ or {MANIFEST}); "
+                              f"pass --force to start over")
+        return {}
+    diff = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+    if diff:
+        details = "; ".join(f"{k}: was {saved.get(k)!r}, now {settings.get(k)!r}" for k in diff)
+        raise OutputError(f"{dst}: --resume with settings that differ from the interrupted run's ({details}); "
+                          f"rerun with the same settings, or pass --force instead of --resume to start over")
+    records = {}
+    if manifest.exists():
+        records = json.loads(manifest.read_text())["shards"]
+    for f in state.glob("*.json"):
+        if f.name != "settings.json":
+            rec = json.loads(f.read_text())
+            records[rec["shard"]] = rec
+    kept = {}
+    for name in plan.shard_names:
+        rec, path = records.get(name), dst / name
+        if rec and path.exists() and path.stat().st_size == rec["bytes"] and shards.sha256_file(path) == rec["sha256"]:
+            kept[name] = rec
+    return kept
+
+
+def _clean_partial(dst: Path, kept: dict[str, dict], plan: Plan, rank: int, world: int) -> None:
+    """Remove what a crash left of this rank's shards (temp files, unrecorded shards); rank 0 the rest."""
+    for j, name in enumerate(plan.shard_names):
+        if j % world == rank:
+            (dst / (name + shards.TMP_SUFFIX)).unlink(missing_ok=True)
+            if name not in kept:
+                (dst / name).unlink(missing_ok=True)
+    if rank == 0:
+        own = {n + shards.TMP_SUFFIX for n in plan.shard_names}
+        for p in dst.glob("*" + shards.TMP_SUFFIX):
+            if p.name not in own:  # index, config, manifest or carried files cut short
+                p.unlink(missing_ok=True)
+        (dst / INDEX).unlink(missing_ok=True)  # rewritten last
+
+
+def _verify_headers(plan: Plan, dst: Path, names: list[str]) -> None:
+    """Read written headers back and compare them with the plan (names, dtypes, shapes)."""
     for name, idx in zip(plan.shard_names, plan.shards):
+        if name not in names:
+            continue
         infos, _ = shards.read_header(dst / name)
         want = [e for i in idx for e in plan.items[i].entries]
         got = [(i.name, i.dtype, i.shape) for i in sorted(infos.values(), key=lambda i: i.start)]
@@ -170,6 +401,8 @@ def _verify_headers(plan: Plan, dst: Path) -> None:
 
 def _copy_other_files(ckpt: Checkpoint, dst: Path) -> None:
     for p in ckpt.other_files():
+        if p.name == MANIFEST:
+            continue
         out = dst / p.relative_to(ckpt.path)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + shards.TMP_SUFFIX)
@@ -184,40 +417,122 @@ def write_index(plan: Plan, dst: Path) -> None:
                                     "weight_map": dict(sorted(weight_map.items()))})
 
 
+# -- distribution --------------------------------------------------------------------------------
+class _Group:
+    """Ranks converting one checkpoint together: torch.distributed (torchrun) or shared-storage polling."""
+
+    def __init__(self, rank: int | None, world_size: int | None, dst: Path, timeout: float):
+        env_world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.dist = world_size is None and env_world > 1
+        self.rank = int(os.environ.get("RANK", "0")) if self.dist else (rank or 0)
+        self.world = env_world if self.dist else (world_size or 1)
+        self.dst, self.timeout = dst, timeout
+        if not 0 <= self.rank < self.world:
+            raise OutputError(f"--rank {self.rank} is outside 0..{self.world - 1} (--world-size {self.world})")
+        if self.dist:
+            import torch.distributed as td
+
+            if not td.is_initialized():
+                td.init_process_group("gloo")
+
+    def barrier(self, ready: Callable[[], bool]) -> None:
+        """Wait for every rank (torchrun), or until ``ready()`` holds (ranks sharing only the disk)."""
+        if self.dist:
+            import torch.distributed as td
+
+            td.barrier()
+            return
+        deadline = time.monotonic() + self.timeout
+        while not ready():
+            if time.monotonic() > deadline:
+                raise OutputError(f"{self.dst}: rank {self.rank} waited {self.timeout:.0f} s for the other ranks; "
+                                  f"start every rank (0..{self.world - 1}) with the same settings")
+            time.sleep(0.5)
+
+
 # -- whole checkpoint ----------------------------------------------------------------------------
 def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme | None, *,
             max_shard_size: int = DEFAULT_MAX_SHARD, workers: int = 1, force: bool = False,
-            device: str = "cpu", progress: Progress | None = None,
-            on_plan: Callable[[Plan], None] | None = None) -> ConvertReport:
+            resume: bool = False, device: str = "cpu", kernel: str = "auto", rank: int | None = None,
+            world_size: int | None = None, wait_timeout: float = 24 * 3600.0,
+            progress: Progress | None = None, on_plan: Callable[[Plan], None] | None = None) -> ConvertReport:
     """Convert checkpoint ``src`` into ``dst`` in ``target`` format ("bf16", "fp8", "int4")."""
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     ckpt = Checkpoint(src)
     plan = make_plan(ckpt, target, scheme, max_shard_size)
-    prepare_output(src, dst, plan.dst_bytes, force)
+    ops = dispatch.ops(kernel, device)  # fail early on a bad kernel/device choice
+    group = _Group(rank, world_size, dst, wait_timeout)
+    settings = run_settings(plan, ckpt)
+    state = dst / STATE_DIR
+    if group.rank == 0:
+        prepare_output(src, dst, plan.dst_bytes, force, resume)
+        kept = _resume_state(dst, settings, plan) if resume else {}
+        _clean_partial(dst, kept, plan, 0, group.world)
+        state.mkdir(exist_ok=True)
+        shards.write_json(state / "settings.json", settings)
+    # without torchrun, the other ranks wait for rank 0's settings (start rank 0 first when using --force)
+    group.barrier(lambda: (state / "settings.json").exists())
+    if group.rank != 0:
+        kept = _resume_state(dst, settings, plan) if resume else {}
+        _clean_partial(dst, kept, plan, group.rank, group.world)
     if on_plan:
         on_plan(plan)
-    jobs = [ShardJob(dst / name, tuple(plan.items[i] for i in idx), plan.source_format, scheme, device)
-            for name, idx in zip(plan.shard_names, plan.shards)]
-    if workers <= 1 or len(jobs) == 1:
+    jobs = [ShardJob(dst / name, tuple(plan.items[i] for i in idx), plan.source_format, scheme, device, kernel)
+            for j, (name, idx) in enumerate(zip(plan.shard_names, plan.shards))
+            if j % group.world == group.rank and name not in kept]
+    for rec in _run_jobs(jobs, workers, progress):
+        shards.write_json(state / f"{rec['shard']}.json", rec)
+    _verify_headers(plan, dst, [j.path.name for j in jobs])
+    group.barrier(lambda: all((state / f"{n}.json").exists() or n in kept for n in plan.shard_names))
+    if group.rank == 0:
+        _finish(ckpt, plan, dst, settings, kept)
+    return _report(ckpt, plan, dst, time.perf_counter() - t0, workers, ops.name, len(kept), group)
+
+
+def _run_jobs(jobs: list[ShardJob], workers: int, progress: Progress | None) -> Iterator[dict]:
+    if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
-            run_shard(job, progress)
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
-            futures = {pool.submit(run_shard, job): job for job in jobs}
+            yield run_shard(job, progress)
+        return
+    threads = max(1, torch.get_num_threads() // workers)
+    jobs = [dataclasses.replace(j, threads=threads) for j in jobs]
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = [pool.submit(run_shard, job) for job in jobs]
+        try:
             for fut in cf.as_completed(futures):
-                n, b = fut.result()
+                rec = fut.result()
                 if progress:
-                    progress(n, b)
-    _verify_headers(plan, dst)
+                    progress(rec["items"], rec["source_bytes"])
+                yield rec
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _finish(ckpt: Checkpoint, plan: Plan, dst: Path, settings: dict, kept: dict[str, dict]) -> None:
+    """Manifest, carried files and config, then the index last: its presence marks a complete checkpoint."""
+    state = dst / STATE_DIR
+    records = dict(kept)
+    for f in state.glob("*.json"):
+        if f.name != "settings.json":
+            rec = json.loads(f.read_text())
+            records[rec["shard"]] = rec
+    missing = [n for n in plan.shard_names if n not in records]
+    collect([f"{dst}: shard {n} has no completion record; run again with --resume" for n in missing], OutputError)
+    shards.write_json(dst / MANIFEST, {"settings": settings,
+                                       "shards": {n: {k: records[n][k] for k in ("inputs", "sha256", "bytes")}
+                                                  for n in plan.shard_names}})
     _copy_other_files(ckpt, dst)
     shards.write_json(dst / CONFIG, plan.config)
-    write_index(plan, dst)  # last: its presence marks a complete checkpoint
-    return _report(ckpt, plan, dst, time.perf_counter() - t0, workers)
+    write_index(plan, dst)
+    shutil.rmtree(state, ignore_errors=True)
 
 
-def _report(ckpt: Checkpoint, plan: Plan, dst: Path, seconds: float, workers: int) -> ConvertReport:
+def _report(ckpt: Checkpoint, plan: Plan, dst: Path, seconds: float, workers: int, kernel: str, kept: int,
+            group: _Group) -> ConvertReport:
     nl = ckpt.config.get("num_hidden_layers")
     by_class: dict[str, dict[str, int]] = {}
     for it in plan.items:
@@ -228,5 +543,5 @@ def _report(ckpt: Checkpoint, plan: Plan, dst: Path, seconds: float, workers: in
         c["bytes_out"] += it.dst_bytes
     return ConvertReport(str(plan.src), str(dst), plan.source_format.name, plan.target,
                          sum(len(it.sources) for it in plan.items), sum(len(it.entries) for it in plan.items),
-                         plan.src_bytes, plan.dst_bytes, len(plan.shards), round(seconds, 3), workers,
-                         dict(sorted(by_class.items())))
+                         plan.src_bytes, plan.dst_bytes, len(plan.shards), kept, round(seconds, 3), workers,
+                         kernel, group.rank, group.world, dict(sorted(by_class.items())))

@@ -8,6 +8,7 @@ tensor's bytes as it is produced, to a temp name renamed into place on ``commit`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import struct
@@ -109,23 +110,39 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return infos, metadata
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """The tensor's data, read with one pread into a fresh buffer."""
-    buf = bytearray(info.nbytes)
+def read_bytes(info: TensorInfo, offset: int = 0, n: int | None = None) -> bytearray:
+    """``n`` bytes of the tensor's data from ``offset`` (relative to the tensor), one pread loop."""
+    n = info.nbytes - offset if n is None else n
+    buf = bytearray(n)
     fd = os.open(info.file, os.O_RDONLY)
     try:
         view, got = memoryview(buf), 0
-        while got < info.nbytes:
-            n = os.preadv(fd, [view[got:]], info.start + got)
-            if n == 0:
+        while got < n:
+            k = os.preadv(fd, [view[got:]], info.start + offset + got)
+            if k == 0:
                 raise FormatError(f"{info.file}: tensor {info.name!r} is cut short (file truncated while "
                                   f"reading); re-download or re-copy this file")
-            got += n
+            got += k
     finally:
         os.close(fd)
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=DTYPES[info.dtype])
-    return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+    return buf
+
+
+def read_rows(info: TensorInfo, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of the tensor (dim 0), read straight from their byte range."""
+    row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+    shape = (r1 - r0, *info.shape[1:])
+    if row * (r1 - r0) == 0:
+        return torch.empty(shape, dtype=DTYPES[info.dtype])
+    buf = read_bytes(info, r0 * row, (r1 - r0) * row)
+    return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(shape)
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """The whole tensor, read with one pread into a fresh buffer (no mmap)."""
+    if not info.shape:
+        return torch.frombuffer(read_bytes(info), dtype=DTYPES[info.dtype]).reshape(())
+    return read_rows(info, 0, info.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,35 +176,72 @@ def header_bytes(entries: list[Entry], metadata: dict[str, str] | None = None) -
 
 
 class ShardWriter:
-    """Streams tensors into ``path`` in the planned order; visible only after ``commit``."""
+    """Streams tensors into ``path`` in the planned order, whole or in row chunks; visible after ``commit``.
+
+    The sha256 of the file is computed as it is written (for the resume manifest and ``verify``).
+    """
 
     def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str] | None = None):
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + TMP_SUFFIX)
         self.entries = entries
-        self.next = 0
+        self.cur = 0
+        self.left = entries[0].nbytes if entries else 0
+        self.sha = hashlib.sha256()
         self.fh = open(self.tmp, "wb")
-        self.fh.write(header_bytes(entries, {"format": "pt"} if metadata is None else metadata))
+        self._out(header_bytes(entries, {"format": "pt"} if metadata is None else metadata))
+        self._skip_empty()
+
+    def _out(self, data) -> None:
+        self.fh.write(data)
+        self.sha.update(data)
+
+    def _skip_empty(self) -> None:
+        while self.cur < len(self.entries) and self.left == 0:
+            self.cur += 1
+            self.left = self.entries[self.cur].nbytes if self.cur < len(self.entries) else 0
+
+    def write_raw(self, name: str, data) -> None:
+        """Append raw bytes to entry ``name`` (which must be the current one)."""
+        data = memoryview(data).cast("B")
+        if self.cur >= len(self.entries) or name != self.entries[self.cur].name or len(data) > self.left:
+            want = self.entries[self.cur] if self.cur < len(self.entries) else None
+            raise AssertionError(f"{self.path.name}: writer expected {want} ({self.left} bytes left), got {name} "
+                                 f"({len(data)} bytes)")
+        self._out(data)
+        self.left -= len(data)
+        self._skip_empty()
 
     def write(self, name: str, t: torch.Tensor) -> None:
-        e = self.entries[self.next]
-        if name != e.name or TAGS.get(t.dtype) != e.dtype or tuple(t.shape) != e.shape:
-            raise AssertionError(f"writer expected {e} next, got {name} {t.dtype} {tuple(t.shape)}")
-        self.fh.write(memoryview(t.contiguous().view(torch.uint8).numpy()) if t.numel() else b"")
-        self.next += 1
+        """Append a tensor (the whole entry or a chunk of its leading rows)."""
+        e = self.entries[self.cur] if self.cur < len(self.entries) else None
+        if e is None or TAGS.get(t.dtype) != e.dtype or tuple(t.shape[1:]) != e.shape[1:]:
+            raise AssertionError(f"{self.path.name}: writer expected {e}, got {name} {t.dtype} {tuple(t.shape)}")
+        if t.numel():
+            self.write_raw(name, t.contiguous().view(torch.uint8).numpy())
 
-    def commit(self) -> None:
-        if self.next != len(self.entries):
-            raise AssertionError(f"{self.path}: {len(self.entries) - self.next} tensors not written")
+    def commit(self) -> str:
+        """Flush, fsync, rename into place; return the file's sha256."""
+        if self.cur != len(self.entries):
+            raise AssertionError(f"{self.path}: {len(self.entries) - self.cur} tensors not written")
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()
         os.replace(self.tmp, self.path)
+        return self.sha.hexdigest()
 
     def abort(self) -> None:
         if not self.fh.closed:
             self.fh.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json(path: Path, obj: object) -> None:

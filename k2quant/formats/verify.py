@@ -1,0 +1,214 @@
+"""Prove a converted checkpoint right: every source tensor accounted for, formats exact, errors in bounds.
+
+Streams both checkpoints item by item (row chunks for big tensors), like convert. Checks:
+
+- DST opens (headers, index, no duplicates) and its config names the format its tensors are in;
+- every SRC module/tensor is in DST as the DST format requires (converted, passed through, or a
+  scale deliberately dropped), with the planned names, dtypes and shapes, and nothing else is;
+- dequantized DST values against the SRC values: exact where nothing was quantized; INT4 within half a
+  step of its group's scale (plus the bf16 roundings the format defines); FP8 within E4M3 rounding of
+  the tile scale; stored codes identical where the format did not change;
+- index ``total_size`` and the manifest's sha256 of every shard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from k2quant.errors import K2QuantError
+from k2quant.formats import convert, layout, plan, shards, source
+from k2quant.formats.checkpoint import INDEX, Checkpoint
+from k2quant.quant import dispatch
+from k2quant.quant import scheme as qscheme
+
+#: |w - deq| <= INT4_STEP * scale + BF16_REL * |deq|: half a step, plus the library's bf16 rounding of w/scale
+INT4_STEP = 0.5 + 2.0 ** -5
+BF16_REL = 2.0 ** -8  # one bf16 rounding of the dequantized product
+FP8_REL = 2.0 ** -4  # half an E4M3 step in the normal range
+FP8_SUB = 2.0 ** -10  # half the smallest E4M3 subnormal step, in units of the tile scale
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    src: str
+    dst: str
+    format: str
+    ok: bool
+    problems: list[dict]
+    checked: dict[str, int]
+    max_error: dict[str, float]  # class -> max |w - deq| / allowed bound (<= 1 passes)
+    seconds: float
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _Problems(list):
+    def add(self, file: object, tensor: str, problem: str) -> None:
+        self.append({"file": str(file), "tensor": tensor, "problem": problem})
+
+
+def _expected_scheme(dst: Checkpoint, fmt: source.SourceFormat) -> qscheme.QuantScheme | None:
+    """The scheme DST's config promises: loaders quantize every Linear not in its ignore list."""
+    if fmt.name == "int4":
+        ignore = tuple((dst.quantization_config or {}).get("ignore") or ())
+        return fmt.scheme.with_(targets=("re:.*",), ignore=ignore)
+    return fmt.scheme
+
+
+def verify(src: str | Path, dst: str | Path, progress: Callable[[int, int], None] | None = None,
+           on_start: Callable[[int], None] | None = None) -> VerifyReport:
+    """Check DST against SRC; every problem names its file and tensor."""
+    t0 = time.perf_counter()
+    problems = _Problems()
+    stats = {"items": 0, "quantized": 0, "exact": 0, "codes_kept": 0, "shards_hashed": 0}
+    errors: dict[str, float] = {}
+    fmt_name = "?"
+    try:
+        s_ck, d_ck = Checkpoint(src), Checkpoint(dst)
+        d_fmt = source.detect(d_ck)
+        fmt_name = d_fmt.name
+        s_plan = plan.make_plan(s_ck, d_fmt.name, _expected_scheme(d_ck, d_fmt), 1 << 62)
+        d_plan = plan.make_plan(d_ck, "bf16", None, 1 << 62)
+    except K2QuantError as exc:
+        problems.add(dst, "", str(exc))
+        return VerifyReport(str(src), str(dst), fmt_name, False, problems, stats, errors,
+                            round(time.perf_counter() - t0, 3))
+    if on_start:
+        on_start(s_plan.src_bytes)
+    _check_layout(s_plan, d_ck, problems)
+    _check_index(d_ck, problems)
+    d_items = {it.key: it for it in d_plan.items}
+    ctxs = (convert._Ctx(s_plan.source_format, None, dispatch.REFERENCE, "cpu"),
+            convert._Ctx(d_plan.source_format, None, dispatch.REFERENCE, "cpu"))
+    for it in s_plan.items:
+        d_it = d_items.get(it.key)
+        if d_it is not None and d_it.src_rep == it.dst_rep and not _missing(it, d_ck):
+            _check_values(it, d_it, ctxs, problems, stats, errors, s_ck.config.get("num_hidden_layers"))
+        stats["items"] += 1
+        if progress:
+            progress(1, it.src_bytes)
+    _check_manifest(d_ck, problems, stats)
+    return VerifyReport(str(src), str(dst), fmt_name, not problems, problems, stats,
+                        {k: round(v, 4) for k, v in sorted(errors.items())}, round(time.perf_counter() - t0, 3))
+
+
+def _missing(it: plan.Item, d_ck: Checkpoint) -> bool:
+    return any(e.name not in d_ck.tensors for e in it.entries)
+
+
+def _check_layout(s_plan: plan.Plan, d_ck: Checkpoint, problems: _Problems) -> None:
+    """Names, dtypes and shapes: DST holds exactly the planned tensors."""
+    planned = {}
+    for it in s_plan.items:
+        for e in it.entries:
+            planned[e.name] = (e, it)
+    for name, (e, it) in planned.items():
+        info = d_ck.tensors.get(name)
+        src_file = it.sources[0][1].file.name
+        if info is None:
+            problems.add(d_ck.path, name, f"missing: source {it.key!r} ({src_file}) should be stored as "
+                         f"{e.dtype}{list(e.shape)} in this {s_plan.target} checkpoint")
+        elif (info.dtype, info.shape) != (e.dtype, e.shape):
+            problems.add(info.file, name, f"is {info.dtype}{list(info.shape)}, expected {e.dtype}{list(e.shape)}")
+    for name, info in d_ck.tensors.items():
+        if name not in planned:
+            problems.add(info.file, name, "not expected: no source tensor converts to it (wrong format, a tensor "
+                         "that should have been dropped, or a module quantized against the config's ignore list)")
+
+
+def _check_index(d_ck: Checkpoint, problems: _Problems) -> None:
+    idx = d_ck.path / INDEX
+    if not idx.exists():
+        return
+    total = json.loads(idx.read_text()).get("metadata", {}).get("total_size")
+    if total is not None and total != d_ck.total_bytes():
+        problems.add(idx, "", f"metadata.total_size is {total} but the shards hold {d_ck.total_bytes()} tensor bytes")
+
+
+def _check_manifest(d_ck: Checkpoint, problems: _Problems, stats: dict) -> None:
+    path = d_ck.path / convert.MANIFEST
+    if not path.exists():
+        return
+    recs = json.loads(path.read_text()).get("shards", {})
+    for name, rec in recs.items():
+        f = d_ck.path / name
+        if not f.exists():
+            problems.add(f, "", "listed in the manifest but missing")
+            continue
+        stats["shards_hashed"] += 1
+        if shards.sha256_file(f) != rec["sha256"]:
+            problems.add(f, "", f"sha256 differs from the manifest ({rec['sha256'][:16]}...): the file changed after "
+                         f"conversion (corruption or a flipped byte); re-run the conversion")
+
+
+def _check_values(it: plan.Item, d_it: plan.Item, ctxs, problems: _Problems, stats: dict,
+                  errors: dict[str, float], nl: int | None) -> None:
+    s_ctx, d_ctx = ctxs
+    name = it.key if it.sources[0][0] == "tensor" else it.key + ".weight"
+    cls = layout.tensor_class(name, nl)
+    d_file = d_it.sources[0][1].file
+    if it.passthrough:
+        if not all(_bytes_equal(e_info, d_it, e.name) for e, (_, e_info) in zip(it.entries, it.sources)
+                   if e.dtype == e_info.dtype):
+            problems.add(d_file, name, "differs from the source: it should have been copied unchanged")
+        else:
+            stats["codes_kept" if it.dst_rep != source.PLAIN else "exact"] += 1
+        return
+    if d_it.src_rep == source.INT4:
+        try:
+            convert._check_int4_shape(d_it, convert._Reader(d_it, None))
+        except K2QuantError as exc:
+            problems.add(d_file, name, str(exc))
+            return
+    worst = 0.0
+    for r0, r1 in convert._chunks(it, s_ctx if it.dst_rep == source.PLAIN else
+                                  dataclasses.replace(s_ctx, scheme=d_ctx.src.scheme)):
+        w = convert._decode_rows(it, convert._Reader(it, None), s_ctx, r0, r1).float()
+        deq = convert._decode_rows(d_it, convert._Reader(d_it, None), d_ctx, r0, r1).float()
+        if it.dst_rep == source.PLAIN:
+            if not torch.equal(w, deq):
+                problems.add(d_file, name, "differs from the exact dequantization of the source")
+                return
+            continue
+        bound = _bound(d_it, d_ctx, w, deq, r0, r1)
+        ratio = float(((w - deq).abs() / bound).max()) if w.numel() else 0.0
+        worst = max(worst, ratio)
+    if it.dst_rep == source.PLAIN:
+        stats["exact"] += 1
+        return
+    stats["quantized"] += 1
+    errors[cls] = max(errors.get(cls, 0.0), worst)
+    if not worst <= 1.0:
+        rule = "half an INT4 step of its group scale" if it.dst_rep == source.INT4 else \
+            "E4M3 rounding of its tile scale"
+        problems.add(d_file, name, f"dequantized values are off by up to {worst:.3g}x the allowed error "
+                     f"({rule}): wrong scale or codes")
+
+
+def _bound(d_it: plan.Item, d_ctx, w: torch.Tensor, deq: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    sch = d_ctx.src.scheme
+    scale = shards.read_rows(d_it.part("scale"), *((r0, r1) if d_it.src_rep == source.INT4 else
+                                                    (r0 // sch.block_size[0], -(-r1 // sch.block_size[0])))).float()
+    if d_it.src_rep == source.INT4:
+        s = scale.repeat_interleave(sch.group_size, dim=-1)[..., : w.shape[-1]]
+        return INT4_STEP * s + BF16_REL * deq.abs() + 1e-30
+    bn, bk = sch.block_size
+    s = scale.repeat_interleave(bn, dim=0).repeat_interleave(bk, dim=1)[: w.shape[0], : w.shape[1]]
+    return torch.maximum(FP8_REL * w.abs(), FP8_SUB * s) + BF16_REL * deq.abs() + 1e-30
+
+
+def _bytes_equal(src_info: shards.TensorInfo, d_it: plan.Item, name: str) -> bool:
+    d_info = next((i for _, i in d_it.sources if i.name == name), None)
+    if d_info is None or d_info.nbytes != src_info.nbytes:
+        return False
+    for off in range(0, src_info.nbytes, convert.RAW_CHUNK):
+        n = min(convert.RAW_CHUNK, src_info.nbytes - off)
+        if shards.read_bytes(src_info, off, n) != shards.read_bytes(d_info, off, n):
+            return False
+    return True

@@ -1,0 +1,82 @@
+"""Kernel selection for the convert hot paths: ``reference`` (pure torch, CPU and CUDA) or ``fast``.
+
+Both compute the same bytes; the fast CPU kernels (``quant/fast.py``) are tested equal to the
+reference on every input. ``auto`` takes the fast kernels on CPU when they are available.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from k2quant.errors import SchemeError
+from k2quant.quant import fp8_block, int4_group
+from k2quant.quant.scheme import QuantScheme
+
+KERNELS = ("auto", "fast", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    """The five conversion operations, all taking and returning 2-D ``[N, K]`` tensors."""
+
+    name: str
+    fp8_decode: Callable[[torch.Tensor, torch.Tensor, QuantScheme], torch.Tensor]
+    int4_decode: Callable[[torch.Tensor, torch.Tensor, int, QuantScheme], torch.Tensor]
+    fp8_encode: Callable[[torch.Tensor, QuantScheme], tuple[torch.Tensor, torch.Tensor]]
+    int4_encode: Callable[[torch.Tensor, QuantScheme], tuple[torch.Tensor, torch.Tensor]]
+    fp8_to_int4: Callable[[torch.Tensor, torch.Tensor, QuantScheme, QuantScheme], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _ref_int4_encode(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scale = int4_group.quantize_weight(w, scheme)
+    return int4_group.pack(q), scale
+
+
+def _ref_fp8_to_int4(q: torch.Tensor, scale: torch.Tensor, src: QuantScheme,
+                     dst: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    # through BF16, so FP8 -> INT4 equals FP8 -> BF16 -> INT4 byte for byte
+    return _ref_int4_encode(fp8_block.dequantize(q, scale, src, torch.bfloat16), dst)
+
+
+REFERENCE = Ops(
+    "reference",
+    fp8_decode=lambda q, s, sch: fp8_block.dequantize(q, s, sch, torch.bfloat16),
+    int4_decode=lambda p, s, k, sch: int4_group.dequantize(int4_group.unpack(p, k), s, sch, torch.bfloat16),
+    fp8_encode=fp8_block.quantize_weight,
+    int4_encode=_ref_int4_encode,
+    fp8_to_int4=_ref_fp8_to_int4,
+)
+
+
+def _fast_ops() -> Ops | None:
+    try:
+        from k2quant.quant import fast
+    except ImportError:
+        return None
+    if not fast.available():
+        return None
+    return Ops(
+        "fast",
+        fp8_decode=lambda q, s, sch: fast.fp8_dequantize(q, s, sch.block_size),
+        int4_decode=lambda p, s, k, sch: fast.int4_unpack_dequantize(p, s, k, sch.group_size),
+        fp8_encode=lambda w, sch: fast.fp8_quantize(w, sch.block_size),
+        int4_encode=lambda w, sch: fast.int4_quantize_pack(w, sch.group_size, sch.scale_rule),
+        fp8_to_int4=lambda q, s, src, dst: fast.fp8_to_int4(q, s, dst.group_size, dst.scale_rule, src.block_size),
+    )
+
+
+def ops(kernel: str = "auto", device: str = "cpu") -> Ops:
+    """The operations for ``kernel`` ("auto", "fast", "reference") on ``device``."""
+    if kernel not in KERNELS:
+        raise SchemeError(f"unknown kernel {kernel!r}; use one of {list(KERNELS)}")
+    if kernel == "reference" or not str(device).startswith("cpu"):
+        if kernel == "fast":
+            raise SchemeError(f"--kernel fast runs on the CPU only; on {device} use --kernel reference or auto "
+                              f"(the pure-torch kernels run on any device)")
+        return REFERENCE
+    fast = _fast_ops()
+    if fast is None and kernel == "fast":
+        raise SchemeError("--kernel fast needs numba (pip install numba); or use --kernel reference")
+    return fast or REFERENCE
