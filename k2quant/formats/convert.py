@@ -192,19 +192,20 @@ def run_item(item: Item, src: source.SourceFormat, scheme: QuantScheme | None, d
              kernel: str = "reference") -> dict[str, torch.Tensor]:
     """The output tensors of one item, whole, by name (for loaders and tests; convert streams ``pieces``)."""
     ctx = _Ctx(src, scheme, dispatch.ops(kernel, device), device)
-    parts: dict[str, list[torch.Tensor]] = {}
+    parts: dict[str, list] = {}
     for name, chunk in pieces(item, ctx, prefetch(item)):
-        if not isinstance(chunk, torch.Tensor):
-            chunk = torch.frombuffer(chunk, dtype=torch.uint8)
         parts.setdefault(name, []).append(chunk)
-    out = {}
-    for e in item.entries:
-        chunks = parts.get(e.name, [])
-        t = torch.cat([c.reshape(-1, *e.shape[1:]) if e.shape else c for c in chunks]) if len(chunks) > 1 else chunks[0]
-        if t.dtype == torch.uint8 and e.dtype != "U8":  # raw bytes from a passthrough copy
-            t = t.view(shards.DTYPES[e.dtype])
-        out[e.name] = t.reshape(e.shape)
-    return out
+    return {e.name: _assemble(e, parts.get(e.name, [])) for e in item.entries}
+
+
+def _assemble(e: shards.Entry, chunks: list) -> torch.Tensor:
+    """One entry from its pieces: row chunks of a tensor, or raw byte chunks of a passthrough copy."""
+    if chunks and isinstance(chunks[0], torch.Tensor):
+        return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).reshape(e.shape)
+    raw = b"".join(chunks)
+    if not raw:
+        return torch.empty(e.shape, dtype=shards.DTYPES[e.dtype])
+    return torch.frombuffer(bytearray(raw), dtype=shards.DTYPES[e.dtype]).reshape(e.shape)
 
 
 # -- one shard -----------------------------------------------------------------------------------
