@@ -1,0 +1,418 @@
+"""Conversion throughput on a K2-shaped checkpoint: every direction, against the disk and the library.
+
+Run by hand (never a test). It builds a BF16 fixture with real Kimi-K2 expert shapes (gate/up 2048x7168,
+down 7168x2048; enough experts for ``--size-gb``), attention (q_a_proj 1536x7168, kv_a_proj_with_mqa
+576x7168 with its partial FP8 row tile, ...) and norms, in release-style shards, then the FP8 and INT4
+fixtures from it with ``k2quant.formats.convert.convert``. Then, for each direction, it runs the real
+``convert.convert(...)`` call in a child process (one per run, so peak RSS is that run's) and reports:
+
+- elements/s (all weight elements read) and source GB/s, end to end: the ``convert.convert`` call
+  (workers' start, read, decode, encode, write, verify, index); "wall s" adds the child's interpreter start;
+- % of the disk bound: the same source shards read sequentially with 16 MiB reads, after the same
+  cache eviction (``posix_fadvise(DONTNEED)`` on every source file after an fsync; with ``--drop-caches``,
+  as root, also ``echo 3 > /proc/sys/vm/drop_caches``);
+- x library: compressed-tensors 0.20 on sampled expert tensors of the same fixture, per element
+  (``calculate_qparams`` + ``PackedQuantizationCompressor.compress`` for INT4, ``FP8BlockDequantizer``
+  for FP8 decode, ``PackedQuantizationCompressor.decompress`` for INT4 decode), extrapolated to the
+  whole run; "kernel x" is the same ratio for the k2quant kernels alone on the same sampled tensors;
+- peak RSS: of the whole process tree (VmRSS summed over the child and its convert workers, sampled from
+  /proc every 50 ms) and of the largest single process (its VmHWM; ``ru_maxrss`` is not used because
+  it inherits the bench process's own RSS across fork).
+
+    python bench/convert.py --size-gb 0.5                 # quick run
+    python bench/convert.py --json bench/out/convert.json  # the full run (>= 6 GB BF16)
+
+Targets (issue): FP8->INT4 and BF16->INT4 >= 25x the library path; every direction >= 50% of the disk
+bound end to end; peak RSS <= 2 GiB.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from k2quant.formats import convert, plan, shards, tiny
+from k2quant.formats.checkpoint import INDEX
+from k2quant.quant import fp8_block, int4_group
+from k2quant.quant import scheme as qscheme
+
+DIRECTIONS = (("bf16", "fp8"), ("fp8", "bf16"), ("bf16", "int4"), ("fp8", "int4"), ("int4", "bf16"))
+EXPERT_BYTES = 3 * 2048 * 7168 * 2  # gate + up + down, BF16
+GIB = 2**30
+
+
+# -- fixture -------------------------------------------------------------------------------------
+def k2_config(size_gb: float) -> dict:
+    """A DeepseekV3/K2 config with real hidden/expert/attention dims and as many experts as the size asks."""
+    layers = 2 if size_gb >= 1 else 1
+    experts = max(2, round(size_gb * 1e9 / (layers * EXPERT_BYTES)) - 1)
+    return tiny.config_for(
+        "bf16", hidden_size=7168, moe_intermediate_size=2048, intermediate_size=18432, vocab_size=2048,
+        num_hidden_layers=layers, first_k_dense_replace=0, n_routed_experts=experts, n_shared_experts=1,
+        num_attention_heads=2, num_key_value_heads=2, q_lora_rank=1536, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, num_experts_per_tok=min(8, experts))
+
+
+def build_bf16(path: Path, cfg: dict, shard_bytes: int, seed: int = 0) -> Path:
+    """Stream a BF16 checkpoint to ``path``: tensors are made one at a time, never all in memory."""
+    specs = tiny.tensor_shapes(cfg)
+    groups, cur, size = [], [], 0
+    for name, shape in specs.items():
+        nbytes = 4 * shape[0] if name.endswith("e_score_correction_bias") else 2 * torch.Size(shape).numel()
+        if cur and size + nbytes > shard_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(name)
+        size += nbytes
+    groups.append(cur)
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for i, names in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {n: make_tensor(n, specs[n], g) for n in names}
+        entries = [shards.Entry(n, shards.TAGS[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
+        writer = shards.ShardWriter(path / fname, entries)
+        for n, t in tensors.items():
+            writer.write(n, t)
+        writer.commit()
+        weight_map |= {n: fname for n in names}
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return path
+
+
+def make_tensor(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """Weights like tiny.random_weights (N(0, 1/K) plus a few 8x outliers), made per tensor."""
+    if name.endswith("e_score_correction_bias"):
+        return torch.randn(shape, generator=g) * 0.01
+    if len(shape) == 1:
+        return (1.0 + 0.05 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+    w = torch.randn(shape, generator=g) * shape[1] ** -0.5
+    w.view(-1)[torch.randint(0, w.numel(), (max(1, w.numel() // 2000),), generator=g)] *= 8.0
+    return w.to(torch.bfloat16)
+
+
+def kernel_kwargs(kernel: str | None) -> dict:
+    """``kernel=`` for convert.convert when this k2quant has the option (it is passed through as given)."""
+    if kernel is None or "kernel" not in inspect.signature(convert.convert).parameters:
+        return {}
+    return {"kernel": kernel}
+
+
+def build_fixtures(root: Path, size_gb: float, shard_gb: float, workers: int) -> dict[str, Path]:
+    dirs = {fmt: root / fmt for fmt in ("bf16", "fp8", "int4")}
+    stamp = root / "fixture.json"
+    want = {"size_gb": size_gb, "shard_gb": shard_gb}
+    if stamp.exists() and json.loads(stamp.read_text()) == want and all((d / INDEX).exists() for d in dirs.values()):
+        return dirs
+    shutil.rmtree(root, ignore_errors=True)
+    t0 = time.perf_counter()
+    build_bf16(dirs["bf16"], k2_config(size_gb), int(shard_gb * 1e9))
+    for fmt in ("fp8", "int4"):
+        convert.convert(dirs["bf16"], dirs[fmt], fmt, plan.target_scheme(fmt), workers=workers,
+                        max_shard_size=int(shard_gb * 1e9), **kernel_kwargs("auto"))
+    stamp.write_text(json.dumps(want))
+    print(f"fixtures built in {time.perf_counter() - t0:.0f} s under {root}", file=sys.stderr)
+    return dirs
+
+
+# -- cache eviction and the disk bound -------------------------------------------------------------
+def evict(paths: list[Path], drop_caches: bool) -> None:
+    """Drop the files' pages from the page cache (fsync first: dirty pages cannot be dropped)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    if drop_caches:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def shard_files(d: Path) -> list[Path]:
+    return sorted(d.glob("*.safetensors"))
+
+
+def sequential_read(paths: list[Path], chunk: int = 16 << 20) -> tuple[int, float]:
+    """(bytes, seconds) to read every file front to back with large reads."""
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    total, t0 = 0, time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return total, time.perf_counter() - t0
+
+
+# -- one conversion in a child process ---------------------------------------------------------------
+def tree_rss(pid: int) -> tuple[int, int]:
+    """(summed VmRSS, largest VmHWM) over ``pid`` and all its descendants, from /proc, in bytes.
+
+    VmHWM is per address space, so unlike ``ru_maxrss`` it does not inherit the parent's RSS at fork.
+    """
+    total, hwm, todo = 0, 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = dict(x.split(":", 1) for x in Path(f"/proc/{p}/status").read_text().splitlines() if ":" in x)
+            total += int(fields["VmRSS"].split()[0]) * 1024
+            hwm = max(hwm, int(fields["VmHWM"].split()[0]) * 1024)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, KeyError, ValueError):
+            continue
+    return total, hwm
+
+
+def run_child(src: Path, dst: Path, target: str, workers: int, kernel: str | None, threads: int) -> dict:
+    """Run one conversion in a fresh interpreter; returns its report plus wall time and peak RSS."""
+    cmd = [sys.executable, __file__, "--_child", json.dumps(
+        {"src": str(src), "dst": str(dst), "target": target, "workers": workers, "kernel": kernel,
+         "threads": threads})]
+    peak = [0, 0]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            rss, hwm = tree_rss(proc.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], hwm)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out = proc.stdout.read()
+    _, status, _ = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"convert {src} -> {target} failed (exit {proc.returncode})")
+    report = json.loads(out.strip().splitlines()[-1])
+    return report | {"wall_s": wall, "peak_rss_tree": peak[0], "peak_rss_proc": max(peak[1], report["vm_hwm"])}
+
+
+def child_main(spec: dict) -> None:
+    torch.set_num_threads(spec["threads"])
+    scheme = plan.target_scheme(spec["target"])
+    t0 = time.perf_counter()
+    report = convert.convert(spec["src"], spec["dst"], spec["target"], scheme, workers=spec["workers"],
+                             force=True, **kernel_kwargs(spec["kernel"]))
+    hwm = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    print(json.dumps(report.to_json() | {"convert_s": time.perf_counter() - t0, "vm_hwm": int(hwm.split()[1]) * 1024}))
+
+
+# -- library and kernel rates on sampled expert tensors ----------------------------------------------
+def sample_items(d: Path, kind: str, count: int) -> list[dict[str, torch.Tensor]]:
+    """The stored tensors of ``count`` routed-expert modules (alternating gate/down shapes)."""
+    idx = json.loads((d / INDEX).read_text())["weight_map"]
+    part = {"bf16": ".weight", "fp8": ".weight", "int4": ".weight_packed"}[kind]
+    mods = sorted(n[: -len(part)] for n in idx if ".experts." in n and n.endswith(part)
+                  and (".gate_proj" in n or ".down_proj" in n))[:count]
+    out = []
+    for m in mods:
+        names = [n for n in idx if n.startswith(m + ".")]
+        infos = {n: shards.read_header(d / idx[n])[0][n] for n in names}
+        out.append({n[len(m) + 1:]: shards.read_tensor(i) for n, i in infos.items()})
+    return out
+
+
+def rate(fn, items: list[dict[str, torch.Tensor]], numel) -> float:  # noqa: ANN001
+    """Elements per second of ``fn`` over the items (best of 2 passes)."""
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for it in items:
+            fn(it)
+        best = min(best, time.perf_counter() - t0)
+    return sum(numel(it) for it in items) / best
+
+
+def library_paths() -> dict:
+    """compressed-tensors 0.20 entry points per direction (None where the library has no such path)."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor as Packed
+    from compressed_tensors.entrypoints.convert.converters.fp8block_dequantizer import FP8BlockDequantizer
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
+    int4_scheme = QuantizationScheme(targets=["Linear"], weights=args)
+
+    def int4_encode(w: torch.Tensor) -> dict:
+        n, k = w.shape
+        g = w.reshape(n, k // 32, 32)  # [N, K/g, g]
+        scale, zp = calculate_qparams(g.amin(-1), g.amax(-1), args)
+        return Packed.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp}, int4_scheme)
+
+    def fp8_decode(it: dict) -> torch.Tensor:
+        conv = FP8BlockDequantizer(targets=["m"], weight_block_size=[128, 128])
+        return conv.process({"m.weight": it["weight"], "m.weight_scale_inv": it["weight_scale_inv"]})["m.weight"]
+
+    def int4_decode(it: dict) -> torch.Tensor:
+        return Packed.decompress({"weight_packed": it["weight_packed"], "weight_scale": it["weight_scale"],
+                                  "weight_shape": it["weight_shape"]}, int4_scheme)["weight"]
+
+    return {("bf16", "fp8"): None,
+            ("fp8", "bf16"): fp8_decode,
+            ("bf16", "int4"): lambda it: int4_encode(it["weight"]),
+            ("fp8", "int4"): lambda it: int4_encode(fp8_decode(it).to(torch.bfloat16)),
+            ("int4", "bf16"): int4_decode}
+
+
+def k2quant_paths(kernel: str) -> dict:
+    """The per-tensor work convert does per direction, with the fast or the reference kernels."""
+    fp8s, int4s = qscheme.get("fp8-block-128"), qscheme.get("int4-g32")
+    if kernel == "fast":
+        from k2quant.quant import fast
+        return {("bf16", "fp8"): lambda it: fast.fp8_quantize(it["weight"]),
+                ("fp8", "bf16"): lambda it: fast.fp8_dequantize(it["weight"], it["weight_scale_inv"]),
+                ("bf16", "int4"): lambda it: fast.int4_quantize_pack(it["weight"], 32, "library"),
+                ("fp8", "int4"): lambda it: fast.fp8_to_int4(it["weight"], it["weight_scale_inv"], 32, "library"),
+                ("int4", "bf16"): lambda it: fast.int4_unpack_dequantize(
+                    it["weight_packed"], it["weight_scale"], int(it["weight_shape"][-1]), 32)}
+
+    def fp8_decode(it: dict) -> torch.Tensor:
+        return fp8_block.dequantize(it["weight"], it["weight_scale_inv"], fp8s, torch.bfloat16)
+
+    def int4_encode(w: torch.Tensor) -> torch.Tensor:
+        return int4_group.pack(int4_group.quantize_weight(w, int4s)[0])
+
+    return {("bf16", "fp8"): lambda it: fp8_block.quantize_weight(it["weight"], fp8s),
+            ("fp8", "bf16"): fp8_decode,
+            ("bf16", "int4"): lambda it: int4_encode(it["weight"]),
+            ("fp8", "int4"): lambda it: int4_encode(fp8_decode(it)),
+            ("int4", "bf16"): lambda it: int4_group.dequantize(
+                int4_group.unpack(it["weight_packed"], int(it["weight_shape"][-1])), it["weight_scale"], int4s)}
+
+
+def kernel_rates(dirs: dict[str, Path], samples: int) -> dict:
+    """Melem/s of the library, the reference and the fast kernels on the same sampled expert tensors."""
+    def numel(it: dict) -> int:
+        return int(torch.Size(it["weight_shape"].tolist()).numel()) if "weight_shape" in it else it["weight"].numel()
+
+    paths = {"library": library_paths(), "reference": k2quant_paths("reference")}
+    try:
+        from k2quant.quant import fast
+        if fast.available():
+            paths["fast"] = k2quant_paths("fast")
+    except ImportError:
+        pass
+    out = {}
+    for src, dst in DIRECTIONS:
+        items = sample_items(dirs[src], src, samples)
+        out[f"{src}->{dst}"] = {name: (rate(p[(src, dst)], items, numel) if p[(src, dst)] else None)
+                                for name, p in paths.items()}
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------------
+def render(rows: list[dict], disk: dict, meta: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"k2quant convert, {meta['fixture_gb']:.2f} GB BF16 fixture, workers={meta['workers']}, "
+                    f"threads={meta['threads']}")
+    for col in ("direction", "kernel", "Melem/s", "src GB/s", "% disk bound", "x library", "kernel x library",
+                "peak RSS tree", "peak RSS proc", "convert s", "wall s"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        fmt = lambda x, f: "n/a" if x is None else f.format(x)  # noqa: E731
+        t.add_row(r["direction"], r["kernel"], fmt(r["melem_s"], "{:.0f}"), fmt(r["src_gb_s"], "{:.2f}"),
+                  fmt(r["pct_disk_bound"], "{:.0f}%"), fmt(r["x_library"], "{:.1f}x"),
+                  fmt(r["kernel_x_library"], "{:.1f}x"), f"{r['peak_rss_tree'] / GIB:.2f} GiB",
+                  f"{r['peak_rss_proc'] / GIB:.2f} GiB", f"{r['convert_s']:.1f}", f"{r['wall_s']:.1f}")
+    console = Console(width=200)
+    console.print(t)
+    console.print("disk bound (sequential 16 MiB reads after eviction): "
+                    + ", ".join(f"{k} {v['gb_s']:.2f} GB/s" for k, v in disk.items()))
+    console.print(f"cache eviction: {meta['eviction']}")
+
+
+def elements(d: Path) -> int:
+    """Weight elements of a checkpoint (INT4 counted by weight_shape, not packed words)."""
+    idx = json.loads((d / INDEX).read_text())["weight_map"]
+    total = 0
+    for f in sorted(set(idx.values())):
+        infos, _ = shards.read_header(d / f)
+        for n, i in infos.items():
+            if n.endswith(".weight_packed"):
+                total += 8 * i.numel
+            elif not n.endswith(("_scale", "_scale_inv", "_shape")):
+                total += i.numel
+    return total
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dir", type=Path, default=Path(__file__).parent / "out" / "fixture")
+    ap.add_argument("--size-gb", type=float, default=6.0, help="BF16 fixture size (>= 6 for the issue's numbers)")
+    ap.add_argument("--shard-gb", type=float, default=1.0, help="shard size of fixtures and outputs (release: 5)")
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch/numba threads per process")
+    ap.add_argument("--kernels", default="auto,reference",
+                    help="comma list passed to convert(kernel=...); ignored if convert has no such option")
+    ap.add_argument("--directions", default=",".join(f"{a}->{b}" for a, b in DIRECTIONS))
+    ap.add_argument("--samples", type=int, default=3, help="expert tensors per direction for library rates")
+    ap.add_argument("--drop-caches", action="store_true", help="also drop the global page cache (root)")
+    ap.add_argument("--json", type=Path, help="write the results here too")
+    ap.add_argument("--_child", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a._child:
+        return child_main(json.loads(a._child))
+    dirs = build_fixtures(a.dir, a.size_gb, a.shard_gb, a.workers)
+    kernels = [k for k in a.kernels.split(",") if k] if kernel_kwargs("auto") else [None]
+    rates = kernel_rates(dirs, a.samples)
+    disk, rows = {}, []
+    for fmt, d in dirs.items():
+        evict(shard_files(d), a.drop_caches)
+        nbytes, secs = sequential_read(shard_files(d))
+        disk[fmt] = {"bytes": nbytes, "seconds": secs, "gb_s": nbytes / secs / 1e9}
+    out_dir = a.dir.parent / "convert-out"
+    for direction in a.directions.split(","):
+        src, dst = direction.split("->")
+        n = elements(dirs[src])
+        for kernel in kernels:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            evict(shard_files(dirs[src]), a.drop_caches)
+            r = run_child(dirs[src], out_dir, dst, a.workers, kernel, a.threads)
+            lib = rates[direction]["library"]
+            mine = rates[direction].get("fast" if kernel in (None, "auto", "fast") else "reference")
+            rows.append({"direction": direction, "kernel": kernel or "default", "elements": n,
+                         "src_bytes": r["bytes_in"], "wall_s": r["wall_s"], "convert_s": r["convert_s"],
+                         "melem_s": n / r["convert_s"] / 1e6, "src_gb_s": r["bytes_in"] / r["convert_s"] / 1e9,
+                         "pct_disk_bound": 100 * (r["bytes_in"] / disk[src]["gb_s"] / 1e9) / r["convert_s"],
+                         "x_library": None if lib is None else n / r["convert_s"] / lib,
+                         "kernel_x_library": None if lib is None or mine is None else mine / lib,
+                         "peak_rss_tree": r["peak_rss_tree"], "peak_rss_proc": r["peak_rss_proc"]})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    meta = {"fixture_gb": disk["bf16"]["bytes"] / 1e9, "workers": a.workers, "threads": a.threads,
+            "eviction": "fsync + posix_fadvise(DONTNEED) on every source shard before each run"
+                        + (" + /proc/sys/vm/drop_caches" if a.drop_caches else ""),
+            "kernel_melem_s": {d: {k: (None if v is None else v / 1e6) for k, v in r.items()}
+                               for d, r in rates.items()},
+            "torch": torch.__version__, "cpus": os.cpu_count(), "max_rss_self": resource.getrusage(
+                resource.RUSAGE_SELF).ru_maxrss * 1024}
+    render(rows, disk, meta)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"meta": meta, "disk": disk, "runs": rows}, indent=2))
+
+
+main()

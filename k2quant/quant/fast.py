@@ -1,0 +1,398 @@
+"""Fast CPU kernels (numba) for the convert hot paths, bit-identical to ``fp8_block`` and ``int4_group``.
+
+The slow, obviously correct kernels stay the contract: every function here equals its reference under
+``torch.equal`` (``tests/test_fast_kernels.py``). Rules kept exactly, as torch does them on CPU:
+
+- no fastmath: fp32 division where the reference divides, one IEEE multiply where it multiplies;
+- bf16 = round-to-nearest-even on the fp32 bits, NaN -> 0xFFFF (torch's vectorised cast);
+- E4M3 = torch's ``fp8_e4m3fn_from_fp32_value``: RNE, subnormals (2^-9 steps), NaN -> 0x7f | sign;
+  inputs are clamped to +-448 first, as the reference does;
+- round half to even = ``np.rint`` (``torch.round``).
+
+Shapes and dtypes are the references': ``w`` ``[..., N, K]`` bf16 (hot case), fp16 or fp32; FP8 codes
+float8_e4m3fn with fp32 tile scales ``[..., ceil(N/bn), ceil(K/bk)]``; INT4 packed int32
+``[..., N, K/8]`` with bf16 scales ``[..., N, K/g]`` (``K % g == 0``, ``g % 8 == 0``).
+numba is optional: without it ``available()`` is False and callers use the reference kernels.
+INT4 results are defined for finite inputs only (the reference casts NaN to int8, which is undefined);
+convert rejects NaN/Inf weights before encoding.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+
+try:  # numba is an optional extra: k2quant works without it (reference kernels only)
+    import numba
+    import numpy as np
+    from numba.extending import overload
+except ImportError:  # pragma: no cover - exercised on installs without numba
+    numba = None
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_E4M3_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+AMAX_FLOOR = 1e-4  # fp8_block.AMAX_FLOOR
+SCALE_RULES = ("library", "kimi")
+
+if numba is not None:
+    _JIT = dict(nogil=True, cache=True, error_model="numpy")  # no fastmath: IEEE results only
+    _F32_MAX = np.float32(FP8_E4M3_MAX)
+    _F32_FLOOR = np.float32(AMAX_FLOOR)  # torch clamps an fp32 tensor with the scalar cast to fp32
+    _BF16_EPS_BITS = np.uint16(0x3C00)  # 2**-7, int4_group's scale for all-zero groups
+
+    def _as_f32(v):  # noqa: ANN001, ANN202 - numba overload target
+        """fp32 value of one element given as bits: bf16 (uint16) or fp32 (uint32)."""
+
+    def _as_bf16_f32(v):  # noqa: ANN001, ANN202 - numba overload target
+        """fp32 value of ``bf16(element)``: exact for bf16 bits, RNE for fp32 bits."""
+
+    def _abs_bits(v):  # noqa: ANN001, ANN202 - numba overload target
+        """fp32 bit pattern of ``|element|``: integer order is float order (amax without float max)."""
+
+    @overload(_as_f32, jit_options=_JIT)
+    def _as_f32_impl(v):  # noqa: ANN001, ANN202
+        if v.bitwidth == 16:
+            return lambda v: _f32_of_bf16(v)
+        return lambda v: np.uint32(v).view(np.float32)
+
+    @overload(_as_bf16_f32, jit_options=_JIT)
+    def _as_bf16_f32_impl(v):  # noqa: ANN001, ANN202
+        if v.bitwidth == 16:
+            return lambda v: _f32_of_bf16(v)
+        return lambda v: _f32_of_bf16(_bf16_bits(np.uint32(v).view(np.float32)))
+
+    @overload(_abs_bits, jit_options=_JIT)
+    def _abs_bits_impl(v):  # noqa: ANN001, ANN202
+        if v.bitwidth == 16:
+            return lambda v: np.uint32(np.uint32(v & np.uint16(0x7FFF)) << np.uint32(16))
+        return lambda v: np.uint32(v & np.uint32(0x7FFFFFFF))
+
+    @numba.njit(**_JIT)
+    def _f32_of_bf16(b: np.uint16) -> np.float32:
+        """fp32 value of a bf16 bit pattern (exact)."""
+        return np.uint32(np.uint32(b) << np.uint32(16)).view(np.float32)
+
+    @numba.njit(**_JIT)
+    def _bf16_bits(x: np.float32) -> np.uint16:
+        """bf16 bit pattern of fp32 ``x``: round to nearest even; NaN -> 0xFFFF like torch's cast."""
+        b = np.float32(x).view(np.uint32)
+        r = np.uint16(np.uint32(b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        return np.uint16(0xFFFF) if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r
+
+    @numba.njit(**_JIT)
+    def _e4m3_bits(x: np.float32) -> np.uint8:
+        """E4M3 code of fp32 ``x`` with ``|x| <= 448`` or NaN (torch's RNE cast), branch-free."""
+        b = np.float32(x).view(np.uint32)
+        sign = np.uint32(b >> np.uint32(24)) & np.uint32(0x80)
+        a = b & np.uint32(0x7FFFFFFF)
+        # normal: drop 20 mantissa bits with RNE, rebias 127 -> 7 (wraps harmlessly when not selected)
+        normal = np.uint32(a - np.uint32(120 << 23) + np.uint32(0x7FFFF) + ((a >> np.uint32(20)) & np.uint32(1))) \
+            >> np.uint32(20)
+        # subnormal: multiples of 2^-9, ties to even (|x| * 512 is exact)
+        sub = np.uint32(np.int32(np.rint(np.abs(x) * np.float32(512.0))))
+        r = normal if a >= np.uint32(121 << 23) else sub
+        r = np.uint32(0x7F) if a > np.uint32(0x7F800000) else r
+        return np.uint8(r | sign)
+
+    @numba.njit(**_JIT)
+    def _clamp(x: np.float32, lo: np.float32, hi: np.float32) -> np.float32:
+        """torch.clamp: NaN passes through."""
+        y = lo if x < lo else x
+        return hi if x > hi else y
+
+    @numba.njit(**_JIT)
+    def _amax_f32(bits: np.uint32) -> np.float32:
+        """fp32 amax from the max |x| bit pattern (any NaN pattern -> the canonical NaN)."""
+        return np.uint32(np.uint32(0x7FC00000) if bits > np.uint32(0x7F800000) else bits).view(np.float32)
+
+    # -- FP8 ---------------------------------------------------------------------------------------
+    # Hot loops are ``inline="always"`` helpers called from kernels built per block/group size (below):
+    # inlined with a constant width, a loop vectorises fully; as a call, or with a runtime width, it
+    # runs 4-6x slower (measured). Kernel factories capture only ints/bools, so numba's cache holds.
+    @numba.njit(inline="always", **_JIT)
+    def _fp8_tile(w, q, r0, rows, c0, cols):  # noqa: ANN001, ANN202
+        """Quantize one tile in place; returns its scale = max(amax, 1e-4) / 448 (fp32)."""
+        m = np.uint32(0)
+        for r in range(r0, r0 + rows):
+            for c in range(c0, c0 + cols):
+                m = max(m, _abs_bits(w[r, c]))
+        amax = _amax_f32(m)
+        s = (_F32_FLOOR if amax < _F32_FLOOR else amax) / _F32_MAX
+        for r in range(r0, r0 + rows):
+            for c in range(c0, c0 + cols):
+                q[r, c] = _e4m3_bits(_clamp(_as_f32(w[r, c]) / s, -_F32_MAX, _F32_MAX))
+        return s
+
+    @numba.njit(parallel=True, **_JIT)
+    def _fp8_luts(scale, e4m3_f32):  # noqa: ANN001, ANN202
+        """bf16 bits of ``fp32(code) * scale`` for all 256 codes of every tile: [Nt * Kt, 256] uint16."""
+        nt, kt = scale.shape
+        lut = np.empty((nt * kt, 256), np.uint16)
+        for t in numba.prange(nt * kt):
+            s = scale[t // kt, t % kt]
+            for c in range(256):
+                lut[t, c] = _bf16_bits(e4m3_f32[c] * s)
+        return lut
+
+    @numba.njit(inline="always", **_JIT)
+    def _fp8_decode_row(q, lut, r, bn, bk, kt, out):  # noqa: ANN001, ANN202
+        """Row ``r`` of the codes -> bf16 bits in ``out`` through its tiles' tables."""
+        k = q.shape[1]
+        base = (r // bn) * kt
+        for j in range(k // bk):
+            tab = lut[base + j]
+            for c in range(j * bk, j * bk + bk):
+                out[c] = tab[q[r, c]]
+        if k % bk:  # a partial last tile
+            tab = lut[base + k // bk]
+            for c in range(k - k % bk, k):
+                out[c] = tab[q[r, c]]
+
+    # -- INT4 --------------------------------------------------------------------------------------
+    @numba.njit(**_JIT)
+    def _int4_scale_bits(amax: np.float32, library: bool) -> np.uint16:
+        """bf16 bits of a group's scale: bf16(bf16(amax) / 7.5) or bf16(amax / 7); zero -> 2^-7."""
+        if library:  # the library's amax is in bf16; rounding is monotonic, so bf16(max) = max(bf16)
+            s = _bf16_bits(_f32_of_bf16(_bf16_bits(amax)) / np.float32(7.5))
+        else:
+            s = _bf16_bits(amax / np.float32(7.0))
+        return _BF16_EPS_BITS if (s & np.uint16(0x7FFF)) == 0 else s
+
+    @numba.njit(inline="always", **_JIT)
+    def _int4_encode_row(x, g, library, packed, scale, codes):  # noqa: ANN001, ANN202
+        """One row: x [K] (bf16 or fp32 bits) -> packed [K/2] bytes (little-endian words), scale [K/g] bits.
+
+        ``codes`` [K] uint8 is scratch for the nibbles before they are paired into bytes.
+        """
+        k = x.shape[0]
+        for gi in range(k // g):
+            c0 = gi * g
+            m = np.uint32(0)
+            for c in range(c0, c0 + g):
+                m = max(m, _abs_bits(x[c]))
+            sb = _int4_scale_bits(_amax_f32(m), library)
+            scale[gi] = sb
+            s = _f32_of_bf16(sb)
+            if library:  # q = rint(clamp(bf16(bf16(x) / s), -8, 7)): the library divides in bf16
+                for c in range(c0, c0 + g):
+                    v = np.rint(_clamp(_f32_of_bf16(_bf16_bits(_as_bf16_f32(x[c]) / s)),
+                                       np.float32(-8), np.float32(7)))
+                    codes[c] = np.uint8(np.int32(v) + 8)
+            else:  # q = clamp(rint(x / s), -7, 7)
+                for c in range(c0, c0 + g):
+                    v = _clamp(np.rint(_as_f32(x[c]) / s), np.float32(-7), np.float32(7))
+                    codes[c] = np.uint8(np.int32(v) + 8)
+        for b in range(k // 2):  # element 2b in the low nibble of byte b, 2b + 1 in the high one
+            packed[b] = codes[2 * b] | np.uint8(codes[2 * b + 1] << np.uint8(4))
+
+
+# -- kernels per block / group size (compile-time constants; numba caches each on disk) -------------
+@functools.cache
+def _fp8_quantize_kernel(bn: int, bk: int):  # noqa: ANN202
+    @numba.njit(parallel=True, **_JIT)
+    def kernel(w, q, scale):  # noqa: ANN001, ANN202
+        """w [N, K] (bf16 or fp32 bits) -> q [N, K] E4M3 bits, scale [Nt, Kt] fp32."""
+        n, k = w.shape
+        nt, kt = scale.shape
+        for i in numba.prange(nt):  # over rows of tiles: a prange over single tiles runs 6x slower
+            rows = min(bn, n - i * bn)
+            for j in range(k // bk):
+                scale[i, j] = _fp8_tile(w, q, i * bn, rows, j * bk, bk)
+            if k % bk:  # the partial last column of tiles
+                scale[i, kt - 1] = _fp8_tile(w, q, i * bn, rows, k - k % bk, k % bk)
+    return kernel
+
+
+@functools.cache
+def _fp8_dequantize_kernel(bn: int, bk: int):  # noqa: ANN202
+    @numba.njit(parallel=True, **_JIT)
+    def kernel(q, lut, kt, out):  # noqa: ANN001, ANN202
+        """q [N, K] E4M3 bits -> out [N, K] bf16 bits through the tables of the [Nt, kt] tiles."""
+        for r in numba.prange(q.shape[0]):
+            _fp8_decode_row(q, lut, r, bn, bk, kt, out[r])
+    return kernel
+
+
+@functools.cache
+def _int4_quantize_kernel(g: int):  # noqa: ANN202
+    @numba.njit(parallel=True, **_JIT)
+    def kernel(w, library, packed, scale):  # noqa: ANN001, ANN202
+        """w [N, K] (bf16 or fp32 bits) -> packed [N, K/2] bytes, scale [N, K/g] bf16 bits."""
+        for r in numba.prange(w.shape[0]):
+            _int4_encode_row(w[r], g, library, packed[r], scale[r], np.empty(w.shape[1], np.uint8))
+    return kernel
+
+
+@functools.cache
+def _fp8_to_int4_kernel(bn: int, bk: int, g: int):  # noqa: ANN202
+    @numba.njit(parallel=True, **_JIT)
+    def kernel(q, lut, kt, library, packed, scale):  # noqa: ANN001, ANN202
+        """FP8 codes -> bf16 (a row at a time, through the [Nt, kt] tile tables) -> INT4 packed + scales."""
+        n, k = q.shape
+        for r in numba.prange(n):
+            row = np.empty(k, np.uint16)
+            _fp8_decode_row(q, lut, r, bn, bk, kt, row)
+            _int4_encode_row(row, g, library, packed[r], scale[r], np.empty(k, np.uint8))
+    return kernel
+
+
+@functools.cache
+def _int4_dequantize_kernel(g: int):  # noqa: ANN202
+    @numba.njit(parallel=True, **_JIT)
+    def kernel(packed, scale, out):  # noqa: ANN001, ANN202
+        """packed [N, K/2] bytes, scale [N, K/g] bf16 bits -> out [N, K] bf16 bits."""
+        n, k = out.shape
+        for r in numba.prange(n):
+            for gi in range(k // g):
+                s = _f32_of_bf16(scale[r, gi])
+                for c in range(gi * g, gi * g + g):
+                    code = np.int32((packed[r, c >> 1] >> np.uint8(4 * (c & 1))) & np.uint8(0xF)) - 8
+                    out[r, c] = _bf16_bits(np.float32(code) * s)
+    return kernel
+
+
+# -- Python side -----------------------------------------------------------------------------------
+@functools.cache
+def available() -> bool:
+    """True when numba imports and the hot-path kernels compile and run (bf16, 128x128 tiles, g=32).
+
+    Other block/group sizes and fp32 inputs compile on first use; numba caches every kernel on disk.
+    """
+    if numba is None or sys.byteorder != "little":  # packed bytes are viewed as little-endian int32 words
+        return False
+    try:
+        w = torch.linspace(-2, 2, 130 * 256).reshape(130, 256).to(torch.bfloat16)
+        q, s = fp8_quantize(w)
+        fp8_dequantize(q, s)
+        for rule in SCALE_RULES:
+            packed, scale = int4_quantize_pack(w, 32, rule)
+            int4_unpack_dequantize(packed, scale, 256, 32)
+            fp8_to_int4(q, s, 32, rule)
+    except Exception:  # noqa: BLE001 - any compile or runtime failure means "use the reference"
+        return False
+    return True
+
+
+def _check_cpu(t: torch.Tensor) -> None:
+    if numba is None:
+        raise RuntimeError("k2quant.quant.fast needs numba (pip install numba); use the reference kernels")
+    assert t.device.type == "cpu", "fast kernels run on CPU tensors"
+
+
+def _threads() -> None:
+    """Use as many threads as torch is allowed (convert's workers set 1)."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def _float_array(w: torch.Tensor) -> np.ndarray:
+    """numpy bits of a float weight: bf16 as uint16 (no copy), fp32 as uint32, fp16 via fp32 (exact)."""
+    # not fp64: fp64 -> fp32 -> bf16 would round twice where the library rule rounds once
+    assert w.dtype in (torch.bfloat16, torch.float16, torch.float32), f"unsupported weight dtype {w.dtype}"
+    w = w.contiguous()
+    if w.dtype == torch.bfloat16:
+        return w.view(torch.uint16).numpy()
+    return w.to(torch.float32).view(torch.int32).numpy().view(np.uint32)  # fp16 -> fp32 is exact
+
+
+@functools.cache
+def _e4m3_table() -> np.ndarray:
+    """fp32 value of each of the 256 E4M3 codes (exact)."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8_DTYPE).float().numpy()
+
+
+def _batched(x: torch.Tensor, fn, *rest: torch.Tensor):  # noqa: ANN001, ANN202
+    """Apply a 2-D kernel wrapper over leading batch dims ``[E, ...]`` (tiles never span them)."""
+    outs = [fn(*args) for args in zip(x.reshape(-1, *x.shape[-2:]),
+                                      *(t.reshape(-1, *t.shape[-2:]) for t in rest))]
+    return tuple(torch.stack([o[i] for o in outs]).reshape(*x.shape[:-2], *outs[0][i].shape)
+                 for i in range(len(outs[0])))
+
+
+def fp8_quantize(w: torch.Tensor, block_size: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp8_block.quantize_weight``: (q float8_e4m3fn ``[..., N, K]``, scale fp32 ``[..., Nt, Kt]``)."""
+    _check_cpu(w)
+    if w.dim() > 2:
+        return _batched(w, lambda x: fp8_quantize(x, block_size))
+    n, k = w.shape
+    bn, bk = block_size
+    q = np.empty((n, k), np.uint8)
+    scale = np.empty((-(-n // bn), -(-k // bk)), np.float32)
+    _threads()
+    _fp8_quantize_kernel(bn, bk)(_float_array(w), q, scale)
+    return torch.from_numpy(q).view(FP8_DTYPE), torch.from_numpy(scale)
+
+
+def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """``fp8_block.dequantize(q, scale, scheme, bf16)``: bf16 ``[..., N, K]``."""
+    _check_cpu(q)
+    if q.dim() > 2:
+        return _batched(q, lambda a, b: (fp8_dequantize(a, b, block_size),), scale)[0]
+    bn, bk = block_size
+    _check_grid(q, scale, block_size)
+    _threads()
+    lut = _fp8_luts(scale.to(torch.float32).contiguous().numpy(), _e4m3_table())
+    out = np.empty(q.shape, np.uint16)
+    _fp8_dequantize_kernel(bn, bk)(q.contiguous().view(torch.uint8).numpy(), lut, scale.shape[-1], out)
+    return torch.from_numpy(out).view(torch.bfloat16)
+
+
+def _check_grid(q: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int]) -> None:
+    assert q.dtype == FP8_DTYPE, f"float8_e4m3fn codes expected, got {q.dtype}"
+    n, k = q.shape
+    bn, bk = block_size
+    assert scale.dim() == 2 and scale.shape[0] >= -(-n // bn) and scale.shape[1] >= -(-k // bk), \
+        f"scale {list(scale.shape)} does not cover {[n, k]} in {bn}x{bk} tiles"
+
+
+def _int4_outputs(n: int, k: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    assert k % group_size == 0 and group_size % 8 == 0, f"K={k} not divisible by group size {group_size}"
+    return np.empty((n, k // 8), np.int32), np.empty((n, k // group_size), np.uint16)
+
+
+def int4_quantize_pack(w: torch.Tensor, group_size: int, scale_rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``int4_group.pack(quantize_weight(w))``: (packed int32 ``[..., N, K/8]``, scale bf16 ``[..., N, K/g]``)."""
+    _check_cpu(w)
+    assert scale_rule in SCALE_RULES, f"unknown scale rule {scale_rule!r}"
+    *lead, n, k = w.shape
+    packed, scale = _int4_outputs(n * int(np.prod(lead)), k, group_size)
+    _threads()
+    kernel = _int4_quantize_kernel(group_size)
+    kernel(_float_array(w.reshape(-1, k)), scale_rule == "library", packed.view(np.uint8), scale)
+    return (torch.from_numpy(packed).reshape(*lead, n, k // 8),
+            torch.from_numpy(scale).view(torch.bfloat16).reshape(*lead, n, k // group_size))
+
+
+def int4_unpack_dequantize(packed: torch.Tensor, scale: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """``int4_group.dequantize(unpack(packed, k), scale, scheme, bf16)``: bf16 ``[..., N, k]``."""
+    _check_cpu(packed)
+    assert k % group_size == 0 and group_size % 8 == 0 and packed.shape[-1] == k // 8, \
+        f"packed {list(packed.shape)} does not hold K={k} in groups of {group_size}"
+    # bf16 only: an fp32 scale would be used unrounded by the reference
+    assert packed.dtype == torch.int32 and scale.dtype == torch.bfloat16, "packed int32 and bf16 scales expected"
+    *lead, n, _ = packed.shape
+    out = np.empty((n * int(np.prod(lead)), k), np.uint16)
+    _threads()
+    _int4_dequantize_kernel(group_size)(
+        packed.contiguous().reshape(-1, k // 8).numpy().view(np.uint8),
+        scale.contiguous().reshape(-1, k // group_size).view(torch.uint16).numpy(), out)
+    return torch.from_numpy(out).view(torch.bfloat16).reshape(*lead, n, k)
+
+
+def fp8_to_int4(q: torch.Tensor, fp8_scale: torch.Tensor, group_size: int, scale_rule: str,
+                block_size: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """``int4_quantize_pack(fp8_dequantize(q, fp8_scale), ...)`` fused: one bf16 row at a time, no full copy."""
+    _check_cpu(q)
+    assert scale_rule in SCALE_RULES, f"unknown scale rule {scale_rule!r}"
+    if q.dim() > 2:
+        return _batched(q, lambda a, b: fp8_to_int4(a, b, group_size, scale_rule, block_size), fp8_scale)
+    n, k = q.shape
+    bn, bk = block_size
+    packed, scale = _int4_outputs(n, k, group_size)
+    _check_grid(q, fp8_scale, block_size)
+    _threads()
+    lut = _fp8_luts(fp8_scale.to(torch.float32).contiguous().numpy(), _e4m3_table())
+    kernel = _fp8_to_int4_kernel(bn, bk, group_size)
+    kernel(q.contiguous().view(torch.uint8).numpy(), lut, fp8_scale.shape[-1], scale_rule == "library",
+           packed.view(np.uint8), scale)
+    return torch.from_numpy(packed), torch.from_numpy(scale).view(torch.bfloat16)
