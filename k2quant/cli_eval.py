@@ -26,6 +26,11 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     return f"{v:.{digits}f}"
 
 
+def _signed(v: float, digits: int = 4) -> str:
+    text = _fmt(v, digits)
+    return text if text.startswith("-") else "+" + text
+
+
 def _limit(value: str | None) -> int | float | None:
     if value is None:
         return None
@@ -61,7 +66,7 @@ def metrics_table(rep) -> Table:
         for c in r.candidates:
             se = "" if c.delta_se is None else f" ± {_fmt(c.delta_se)}"
             rec = "n/a" if c.recovery_pct is None else f"{c.recovery_pct:.2f}%"
-            cells += [_fmt(c.value), f"{c.delta:+.4f}{se}", rec]
+            cells += [_fmt(c.value), f"{_signed(c.delta)}{se}", rec]
         t.add_row(*cells)
     return t
 
@@ -74,7 +79,8 @@ def flips_table(rep) -> Table | None:
     for col in ("candidate", "task", "n", "right→wrong", "wrong→right", "same choice", "McNemar p"):
         t.add_column(col, justify="left" if col in ("candidate", "task") else "right")
     for c, f in rows:
-        t.add_row(c, f.task, str(f.n), str(f.right_to_wrong), str(f.wrong_to_right), f"{f.same_choice_pct:.1f}%",
+        same = "n/a" if f.same_choice_pct is None else f"{f.same_choice_pct:.1f}%"
+        t.add_row(c, f.task, str(f.n), str(f.right_to_wrong), str(f.wrong_to_right), same,
                   f"{f.mcnemar_p:.3g}")
     return t
 
@@ -89,8 +95,25 @@ def direct_table(rep) -> Table | None:
     for c, m in rep.direct.items():
         t.add_row(c, str(m.tokens), f"{_fmt(m.kl_mean, 5)} ± {_fmt(m.kl_se, 5)}", _fmt(m.kl_p99, 5),
                   _fmt(m.kl_max, 5), f"{m.top1_pct:.2f}% ± {m.top1_se_pct:.2f}", f"{m.ppl_ratio:.5f}",
-                  f"{m.dp_mean:+.5f}", f"{m.dp_rms:.5f}")
+                  _signed(m.dp_mean, 5), _fmt(m.dp_rms, 5))
     return t
+
+
+def settings_from_options(*, tasks: str = "k2quant_ppl,k2quant_mc", backend: str = "hf", tp: int | None = None,
+                          ep: bool | None = None, model_args: tuple[str, ...] = (), base_urls: tuple[str, ...] = (),
+                          limit: str | None = None, batch_size: int = 16, max_length: int = 512,
+                          num_fewshot: int | None = None, dtype: str = "float32", seed: int = 0,
+                          text_files: tuple[Path, ...] = (), measure_tokens: int = 16384,
+                          no_cache: bool = False):
+    """The ``EvalSettings`` the ``eval`` options describe (``--tp`` / ``--ep`` become vllm arguments)."""
+    from k2quant.eval.harness import EvalSettings
+
+    extra = _pairs(model_args) + ((("tensor_parallel_size", str(tp)),) if tp else ()) + \
+        ((("enable_expert_parallel", str(ep)),) if ep is not None else ())
+    return EvalSettings(tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), backend=backend,
+                        limit=_limit(limit), batch_size=batch_size, max_length=max_length, num_fewshot=num_fewshot,
+                        dtype=dtype, seed=seed, text_files=tuple(str(p) for p in text_files), backend_args=extra,
+                        base_urls=tuple(base_urls), measure_tokens=measure_tokens, use_cache=not no_cache)
 
 
 @click.command("eval")
@@ -115,27 +138,24 @@ def direct_table(rep) -> Table | None:
               help="hf: compute dtype (weights are the checkpoint's values either way)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--text", "text_files", multiple=True, type=click.Path(path_type=Path),
-              help="UTF-8 text file(s) for k2quant_ppl and the direct measures (default: held-out Shakespeare)")
+              help="UTF-8 text file(s) for k2quant_ppl and the direct measures, documents separated by two "
+                   "blank lines (default: held-out Shakespeare scenes)")
 @click.option("--measure-tokens", type=int, default=16384, show_default=True,
               help="positions scored for KL / top-1 / PPL ratio (baseline log-probs kept: tokens x vocab x 4 B)")
 @click.option("--no-cache", is_flag=True, help="do not use lm-eval request caches under --report")
 @click.option("--fail-under", type=float, default=None, metavar="RECOVERY",
-              help="exit 1 when any task metric's recovery %% is below this")
+              help="exit 1 when any task metric's recovery % is below this")
 def eval_cmd(baseline: Path, candidates: tuple[Path, ...], tasks: str, report_dir: Path | None, backend: str,
              tp: int | None, ep: bool | None, model_args: tuple[str, ...], base_urls: tuple[str, ...],
              limit: str | None, batch_size: int, max_length: int, num_fewshot: int | None, dtype: str, seed: int,
              text_files: tuple[Path, ...], measure_tokens: int, no_cache: bool, fail_under: float | None) -> None:
     """Degradation of CANDIDATE checkpoints against BASELINE: the same lm-eval tasks on each, plus KL."""
     from k2quant.eval import compare
-    from k2quant.eval.harness import EvalSettings
 
-    extra = _pairs(model_args) + ((("tensor_parallel_size", str(tp)),) if tp else ()) + \
-        ((("enable_expert_parallel", str(ep)),) if ep is not None else ())
-    settings = EvalSettings(tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), backend=backend,
-                            limit=_limit(limit), batch_size=batch_size, max_length=max_length,
-                            num_fewshot=num_fewshot, dtype=dtype, seed=seed,
-                            text_files=tuple(str(p) for p in text_files), backend_args=extra,
-                            base_urls=base_urls, measure_tokens=measure_tokens, use_cache=not no_cache)
+    settings = settings_from_options(tasks=tasks, backend=backend, tp=tp, ep=ep, model_args=model_args,
+                                     base_urls=base_urls, limit=limit, batch_size=batch_size,
+                                     max_length=max_length, num_fewshot=num_fewshot, dtype=dtype, seed=seed,
+                                     text_files=text_files, measure_tokens=measure_tokens, no_cache=no_cache)
     err = Console(stderr=True)
     t0 = time.perf_counter()
     with err.status("evaluating") as status:

@@ -6,4 +6,6 @@ streaming weight diffs.
 - ``report``   recovery, paired standard errors, flips, ``results.json``
 - ``compare``  ``evaluate(baseline, candidates, settings, out_dir)``: the whole ``k2quant eval`` run
 - ``diff``     per-tensor error between two checkpoints in any formats, without a forward pass
+- ``plot``     the PNG of a diff: SQNR / relative error per layer and tensor class
+- ``tasks/``   the offline lm-eval tasks (YAML) and the builders of their documents
 """

@@ -6,8 +6,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from k2quant.errors import K2QuantError
 from k2quant.eval import harness, measures, report
 from k2quant.eval.harness import EvalSettings, Harness
@@ -33,6 +31,26 @@ def measure_texts(settings: EvalSettings) -> list[str]:
     return [d["text"] for d in sources.text_documents(list(settings.text_files) or None)]
 
 
+class DirectRun:
+    """Direct measures across checkpoints: keep the baseline's distributions, compare each candidate."""
+
+    def __init__(self, settings: EvalSettings):
+        self.settings = settings
+        self.ref: measures.Reference | None = None
+        self.windows: list = []
+        self.vocab: dict | None = None
+        self.results: dict[str, measures.DirectMeasures] = {}
+
+    def add(self, name: str, path: Path, loaded: harness.LoadedModel) -> None:
+        s = self.settings
+        self.vocab = _same_tokenizer(self.vocab, loaded.tokenizer, path)
+        if self.ref is None:
+            self.windows = measures.token_windows(loaded.tokenizer, measure_texts(s), s.max_length, s.measure_tokens)
+            self.ref = measures.reference(loaded.module, self.windows, s.batch_size)
+        else:
+            self.results[name] = measures.compare(self.ref, loaded.module, self.windows, s.batch_size)
+
+
 def evaluate(baseline: str | Path, candidates: list[str | Path], settings: EvalSettings,
              out_dir: str | Path | None = None, progress: Progress | None = None) -> report.EvalReport:
     """Evaluate every checkpoint, write raw lm-eval outputs and ``results.json`` under ``out_dir``."""
@@ -41,37 +59,30 @@ def evaluate(baseline: str | Path, candidates: list[str | Path], settings: EvalS
         raise K2QuantError("eval needs a baseline and at least one candidate checkpoint: "
                            "k2quant eval BASELINE CANDIDATE...")
     paths = [Path(baseline)] + [Path(c) for c in candidates]
+    harness.check_inputs(paths, settings)
     names = labels(paths)
     out = Path(out_dir) if out_dir else None
     h = Harness(settings, out / "cache" if out else None)
-    say = progress or (lambda msg: log.info(msg))
-    results, direct, raw = [], {}, {}
-    ref, windows, vocab = None, None, None
+    say = progress or log.info
+    results, raw, direct = [], {}, DirectRun(settings)
     for i, (path, name) in enumerate(zip(paths, names)):
         say(f"loading {name} ({settings.backend})")
         loaded = h.load(path, i)
         say(f"lm-eval {','.join(settings.tasks)} on {name}")
-        res = h.run(path, loaded)
-        results.append(res)
+        results.append(h.run(path, loaded))
         if out:
-            raw[name] = str(out / "raw" / name)
-            harness.write_raw(res, out / "raw" / name)
+            raw[name] = str(harness.write_raw(results[-1], out / "raw" / name)[0].parent)
         if loaded.module is not None:
             say(f"direct measures on {name}")
-            vocab = _same_tokenizer(vocab, loaded.tokenizer, path)
-            if ref is None:
-                windows = measures.token_windows(loaded.tokenizer, measure_texts(settings), settings.max_length,
-                                                 settings.measure_tokens)
-                ref = measures.reference(loaded.module, windows, settings.batch_size)
-            else:
-                direct[name] = measures.compare(ref, loaded.module, windows, settings.batch_size)
-        del loaded
+            direct.add(name, path, loaded)
+        del loaded  # one model in memory at a time
     rep = report.EvalReport(
-        baseline=names[0], candidates=names[1:], settings=settings.to_json() | {"checkpoints": dict(zip(names, map(str, paths)))},
+        baseline=names[0], candidates=names[1:],
+        settings=settings.to_json() | {"checkpoints": dict(zip(names, map(str, paths)))},
         rows=report.metric_rows(results[0], results[1:]),
         flips={n: report.all_flips(results[0], r) for n, r in zip(names[1:], results[1:])},
-        direct=direct, direct_note="" if direct else f"direct measures need full distributions: hf backend only",
-        seconds=time.perf_counter() - t0, raw=raw)
+        direct=direct.results, direct_note="" if direct.results else "direct measures need full "
+        "next-token distributions: hf backend only", seconds=time.perf_counter() - t0, raw=raw)
     if out:
         rep.write(out)
     return rep

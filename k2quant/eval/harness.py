@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from k2quant.errors import K2QuantError
+from k2quant.errors import K2QuantError, collect
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ def _hf(path: Path, index: int, s: EvalSettings) -> LoadedModel:
 
     from k2quant.formats import load
 
+    tok = load_tokenizer(path)  # first: a missing tokenizer fails before the weights are read
     module = load.load_model(path, dtype=DTYPES[s.dtype])
-    tok = load_tokenizer(path)
     lm = HFLM(pretrained=module, tokenizer=tok, batch_size=s.batch_size, max_length=s.max_length)
     return LoadedModel(lm, {"pretrained": str(path), "dtype": s.dtype, "loader": "k2quant"}, module, tok)
 
@@ -142,6 +142,22 @@ def _typed(pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
         else:
             out[key] = raw
     return out
+
+
+def check_inputs(paths: list[Path], s: EvalSettings) -> None:
+    """Fail before any evaluation starts: every directory a checkpoint, with a tokenizer, one URL each (api)."""
+    problems = []
+    for p in paths:
+        if not (p / "config.json").exists():
+            problems.append(f"{p}: not a checkpoint directory (no config.json); pass the directory that holds "
+                            f"config.json and the *.safetensors shards")
+        elif s.backend != "vllm" and not any((p / f).exists() for f in TOKENIZER_FILES):
+            problems.append(f"{p}: no tokenizer (expected one of {list(TOKENIZER_FILES)}); copy the model's "
+                            f"tokenizer files into the checkpoint directory")
+    if s.backend == "api" and len(s.base_urls) != len(paths):
+        problems.append(f"the api backend needs one --base-url per checkpoint (in argument order): got "
+                        f"{len(s.base_urls)} for {len(paths)} checkpoints")
+    collect(problems, K2QuantError)
 
 
 class Harness:

@@ -43,7 +43,7 @@ class Flips:
     n: int
     right_to_wrong: int
     wrong_to_right: int
-    same_choice_pct: float
+    same_choice_pct: float | None  # None when no document pairs up
     mcnemar_p: float
 
 
@@ -96,7 +96,7 @@ def recovery(base: float, cand: float, higher_is_better: bool) -> float | None:
     num, den = (cand, base) if higher_is_better else (base, cand)
     if den == 0 or not (math.isfinite(num) and math.isfinite(den)):
         return None
-    return 100.0 * num / den
+    return 100.0 * (num / den)  # the ratio first: equal values give exactly 100
 
 
 def metric_rows(base: dict, cands: list[dict]) -> list[MetricRow]:
@@ -173,7 +173,7 @@ def flips(task: str, bs: list[dict], cs: list[dict]) -> Flips:
         r2w += int(s["acc"] > 0 and o["acc"] == 0)
         w2r += int(s["acc"] == 0 and o["acc"] > 0)
         same += int(_choice(s) == _choice(o))
-    return Flips(task, n, r2w, w2r, 100.0 * same / n if n else float("nan"), mcnemar_p(r2w, w2r))
+    return Flips(task, n, r2w, w2r, 100.0 * same / n if n else None, mcnemar_p(r2w, w2r))
 
 
 def _choice(sample: dict) -> int:
