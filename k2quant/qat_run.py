@@ -43,7 +43,7 @@ STATE = "state"
 MODEL_FILE, TRAINER_FILE, RUN_FILE = "model.safetensors", "trainer.pt", "run.json"
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 #: settings that decide the trained weights: a resume must use the same ones
-RESULT_FIELDS = ("src", "steps", "lr", "seq_len", "batch_size", "loss", "scale_rule", "group_size", "targets",
+RESULT_FIELDS = ("src", "data", "steps", "lr", "seq_len", "batch_size", "loss", "scale_rule", "group_size", "targets",
                  "ignore", "train", "warmup", "min_lr_ratio", "clip", "seed", "eval_fraction", "fake_quant")
 
 
@@ -200,7 +200,7 @@ def build_models(cfg: QatConfig, scheme: QuantScheme) -> tuple[nn.Module, nn.Mod
         p.requires_grad_(trained is None or id(p) in trained)
     if cfg.grad_checkpointing:
         student.config.use_cache = False
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     return student, teacher
 
@@ -378,7 +378,7 @@ def _set_rng_state(s: dict) -> None:
     np.random.set_state(s["numpy"])
 
 
-def save_state(state_dir: Path, cfg: QatConfig, step: int, student: nn.Module, masters: Masters,
+def save_state(state_dir: Path, cfg: QatConfig, step: int, model_sd: dict[str, torch.Tensor], masters: Masters,
                opt: torch.optim.Optimizer, sched, tokenizer) -> None:
     """Write the whole run state next to ``state_dir`` and swap it in (the old state survives a crash)."""
     tmp = state_dir.with_name(state_dir.name + ".k2q-tmp")
@@ -389,7 +389,7 @@ def save_state(state_dir: Path, cfg: QatConfig, step: int, student: nn.Module, m
         (tmp / p.relative_to(ckpt.path)).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(p, tmp / p.relative_to(ckpt.path))
     tokenizer.save_pretrained(str(tmp))
-    save_file({k: v.detach().contiguous() for k, v in student.state_dict().items()}, str(tmp / MODEL_FILE))
+    save_file({k: v.detach().contiguous() for k, v in model_sd.items()}, str(tmp / MODEL_FILE))
     torch.save({"step": step, "masters": masters.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": _rng_state()}, tmp / TRAINER_FILE)
     cfg_src = {k: v for k, v in ckpt.config.items() if k not in ("quantization_config", "compression_config")}
@@ -447,7 +447,7 @@ def _prepare_out(out: Path, resuming: bool) -> None:
 Progress = Callable[[dict], None]
 
 
-def _tokenizer(cfg: QatConfig):
+def load_tokenizer(cfg: QatConfig):
     from transformers import AutoTokenizer
 
     where = cfg.tokenizer or cfg.src
@@ -470,7 +470,7 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
     _prepare_out(out, resume is not None)
     audit = _check_int4_source(cfg, scheme)
     torch.manual_seed(cfg.seed)
-    tokenizer = _tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg)
     train_seqs, held = datasets(cfg, tokenizer)
     accelerator = Accelerator()  # devices, processes; dtypes are k2quant's own (fp32 masters, bf16 compute)
     student, teacher = build_models(cfg, scheme)  # wrappers go on before any sharding
@@ -484,7 +484,7 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
     logf = open(cfg.json_log, "a" if resume is not None else "w") if cfg.json_log else None
     try:
         while step < cfg.steps and (cfg.stop_after is None or step < cfg.stop_after):
-            rec = _train_step(cfg, accelerator, student, teacher, masters, opt, sched, train_seqs, step)
+            rec = train_step(cfg, accelerator, student, teacher, masters, opt, sched, train_seqs, step)
             step += 1
             if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps):
                 codes = _codes(student)
@@ -496,14 +496,17 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
                 counter.take()
             _emit(rec, logf, progress)
             if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or step == cfg.stop_after:
-                save_state(out / STATE, cfg, step, accelerator.unwrap_model(student), masters, opt, sched, tokenizer)
+                model_sd = accelerator.get_state_dict(student)  # gathered when sharded
+                if accelerator.is_main_process:
+                    save_state(out / STATE, cfg, step, model_sd, masters, opt, sched, tokenizer)
+                accelerator.wait_for_everyone()
     finally:
         if logf:
             logf.close()
         for h in counter.handles:
             h.remove()
     result = evaluate(student, teacher, held, cfg.batch_size, cfg.eval_batches) if step == cfg.steps else {}
-    exported = step == cfg.steps and cfg.export
+    exported = step == cfg.steps and cfg.export and accelerator.is_main_process
     if exported:
         export(out / STATE, out, replace=True)
     return QatReport(str(out), step, round(time.perf_counter() - t0, 3), source.detect(Checkpoint(cfg.src)).name,
@@ -514,8 +517,9 @@ def _codes(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: q for k, (q, _) in qat.codes(model).items()}
 
 
-def _train_step(cfg: QatConfig, accelerator, student: nn.Module, teacher: nn.Module, masters: Masters,
-                opt: torch.optim.Optimizer, sched, seqs: torch.Tensor, step: int) -> dict:
+def train_step(cfg: QatConfig, accelerator, student: nn.Module, teacher: nn.Module, masters: Masters,
+               opt: torch.optim.Optimizer, sched, seqs: torch.Tensor, step: int) -> dict:
+    """One optimizer step on the batch of 0-based ``step``; returns its log record (without flips/experts)."""
     t0 = time.perf_counter()
     ids = seqs[batch_indices(len(seqs), cfg.batch_size, step, cfg.seed)].to(accelerator.device)  # [B, T]
     loss, parts = losses(cfg, student, teacher, ids)

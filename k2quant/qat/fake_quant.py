@@ -37,9 +37,10 @@ class _FakeQuantLinear(torch.autograd.Function):
         grad_x = grad @ wq if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            # STE: d fq(w) / dw = I; accumulated in the master's dtype.  [N, T] @ [T, K] -> [N, K]
-            g2 = grad.reshape(-1, grad.shape[-1]).to(w.dtype)  # [T, N]
-            grad_w = g2.t() @ x.reshape(-1, x.shape[-1]).to(w.dtype)
+            # STE: d fq(w) / dw = I. The matmul runs in the compute dtype, as autograd's would for a bf16
+            # weight; the result is handed to the master in its own dtype.  [N, T] @ [T, K] -> [N, K]
+            g2 = grad.reshape(-1, grad.shape[-1])  # [T, N]
+            grad_w = (g2.t() @ x.reshape(-1, x.shape[-1]).to(g2.dtype)).to(w.dtype)
         return grad_x, grad_w, None
 
 
