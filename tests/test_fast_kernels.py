@@ -235,3 +235,25 @@ def test_fp8_to_int4_expert_stack():
 
 def test_available():
     assert fast.available()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_count_nonfinite_matches_torch(dtype):
+    from k2quant.quant import dispatch
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(301, 77, generator=g).to(dtype)
+    assert fast.count_nonfinite(w) == 0
+    idx = torch.randint(0, w.numel(), (40,), generator=g)
+    w.view(-1)[idx[:15]] = float("nan")
+    w.view(-1)[idx[15:30]] = float("inf")
+    w.view(-1)[idx[30:]] = -float("inf")
+    w.view(-1)[0] = torch.finfo(dtype).max  # the largest finite value is not special
+    assert fast.count_nonfinite(w) == int((~torch.isfinite(w)).sum()) == dispatch.REFERENCE.count_nonfinite(w)
+
+
+def test_count_nonfinite_fp8_nan_codes():
+    codes = torch.arange(256, dtype=torch.uint8).repeat(3).view(torch.float8_e4m3fn).reshape(6, 128)
+    want = int(torch.isnan(codes.float()).sum())
+    assert want == 6  # 0x7f and 0xff, three times
+    assert fast.count_nonfinite(codes) == want

@@ -109,7 +109,7 @@ def _chunks(item: Item, ctx: _Ctx) -> list[tuple[int, int]]:
 def _fp8_rows(item: Item, rd: _Reader, ctx: _Ctx, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
     bn = ctx.src.scheme.block_size[0]
     q = rd.rows("weight", r0, r1).to(ctx.device)
-    if bool(((q.view(torch.uint8) & 0x7F) == 0x7F).any()):
+    if ctx.ops.count_nonfinite(q):
         w = item.part("weight")
         raise FormatError(f"{w.file}: FP8 weight {w.name!r} holds NaN codes (0x7f/0xff); the checkpoint is "
                           f"corrupt: re-download this shard")
@@ -136,10 +136,10 @@ def _check_int4_shape(item: Item, rd: _Reader) -> None:
                           f"{list(item.shape)}; the checkpoint is inconsistent")
 
 
-def _check_finite(item: Item, w: torch.Tensor) -> None:
-    if not bool(torch.isfinite(w).all()):
+def _check_finite(item: Item, w: torch.Tensor, ops: dispatch.Ops) -> None:
+    bad = ops.count_nonfinite(w)
+    if bad:
         info = item.sources[0][1]
-        bad = int((~torch.isfinite(w)).sum())
         raise FormatError(f"{info.file}: weight {item.key}.weight holds {bad} NaN/Inf values and cannot be "
                           f"quantized; fix the source weights or keep this module unquantized with --ignore {item.key}")
 
@@ -176,7 +176,7 @@ def pieces(item: Item, ctx: _Ctx, data: dict[str, torch.Tensor] | None = None) -
         if item.dst_rep == source.PLAIN:
             yield names[0], w.to(shards.DTYPES[item.entries[0].dtype]).cpu()
             continue
-        _check_finite(item, w)
+        _check_finite(item, w, ctx.ops)
         encode = ctx.ops.fp8_encode if item.dst_rep == source.FP8 else ctx.ops.int4_encode
         q, scale = encode(w, ctx.scheme)
         yield names[0], q.cpu()

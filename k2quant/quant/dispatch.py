@@ -27,6 +27,7 @@ class Ops:
     fp8_encode: Callable[[torch.Tensor, QuantScheme], tuple[torch.Tensor, torch.Tensor]]
     int4_encode: Callable[[torch.Tensor, QuantScheme], tuple[torch.Tensor, torch.Tensor]]
     fp8_to_int4: Callable[[torch.Tensor, torch.Tensor, QuantScheme, QuantScheme], tuple[torch.Tensor, torch.Tensor]]
+    count_nonfinite: Callable[[torch.Tensor], int]  # NaN/Inf of a float tensor, NaN codes of an E4M3 one
 
 
 def _ref_int4_encode(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +41,12 @@ def _ref_fp8_to_int4(q: torch.Tensor, scale: torch.Tensor, src: QuantScheme,
     return _ref_int4_encode(fp8_block.dequantize(q, scale, src, torch.bfloat16), dst)
 
 
+def _ref_count_nonfinite(t: torch.Tensor) -> int:
+    if t.dtype == torch.float8_e4m3fn:
+        return int(((t.view(torch.uint8) & 0x7F) == 0x7F).sum())
+    return int((~torch.isfinite(t)).sum())
+
+
 REFERENCE = Ops(
     "reference",
     fp8_decode=lambda q, s, sch: fp8_block.dequantize(q, s, sch, torch.bfloat16),
@@ -47,6 +54,7 @@ REFERENCE = Ops(
     fp8_encode=fp8_block.quantize_weight,
     int4_encode=_ref_int4_encode,
     fp8_to_int4=_ref_fp8_to_int4,
+    count_nonfinite=_ref_count_nonfinite,
 )
 
 
@@ -64,6 +72,7 @@ def _fast_ops() -> Ops | None:
         fp8_encode=lambda w, sch: fast.fp8_quantize(w, sch.block_size),
         int4_encode=lambda w, sch: fast.int4_quantize_pack(w, sch.group_size, sch.scale_rule),
         fp8_to_int4=lambda q, s, src, dst: fast.fp8_to_int4(q, s, dst.group_size, dst.scale_rule, src.block_size),
+        count_nonfinite=fast.count_nonfinite,
     )
 
 

@@ -396,3 +396,48 @@ def fp8_to_int4(q: torch.Tensor, fp8_scale: torch.Tensor, group_size: int, scale
     kernel(q.contiguous().view(torch.uint8).numpy(), lut, fp8_scale.shape[-1], scale_rule == "library",
            packed.view(np.uint8), scale)
     return torch.from_numpy(packed), torch.from_numpy(scale).view(torch.bfloat16)
+
+
+# -- input checks (one pass, no temporaries: the torch versions cost more than the conversion) --------
+#: (bits dtype, exponent mask): an element is NaN/Inf (or an E4M3 NaN code) when ``bits & mask == mask``
+_SPECIAL = {torch.bfloat16: (torch.uint16, 0x7F80), torch.float16: (torch.uint16, 0x7C00),
+            torch.float32: (torch.uint32, 0x7F800000), torch.float8_e4m3fn: (torch.uint8, 0x7F)}
+
+if numba is not None:
+    @numba.njit(parallel=True, **_JIT)
+    def _count_special(bits, mask):  # noqa: ANN001, ANN202
+        n = 0
+        for i in numba.prange(bits.size):
+            if (bits[i] & mask) == mask:
+                n += 1
+        return n
+
+    @numba.njit(**_JIT)
+    def _any_special_words(words, mask, low, high):  # noqa: ANN001, ANN202
+        """SWAR over 64-bit words: does any lane have ``lane & m == m``? (lane-wise has-zero on ``(w & m) ^ m``)."""
+        for i in range(words.size):
+            y = (words[i] & mask) ^ mask
+            if (y - low) & ~y & high:
+                return True
+        return False
+
+
+def _lanes(value: int, width: int) -> np.uint64:
+    return np.uint64(sum(value << (width * i) for i in range(64 // width)))
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    """Number of NaN/Inf elements of a float tensor, or NaN codes (0x7f/0xff) of an E4M3 tensor."""
+    _check_cpu(t)
+    if t.dtype not in _SPECIAL:
+        return int((~torch.isfinite(t)).sum())
+    bits_dtype, mask = _SPECIAL[t.dtype]
+    bits = t.contiguous().view(bits_dtype).reshape(-1).numpy()
+    width = bits.dtype.itemsize * 8
+    whole = bits.size * bits.dtype.itemsize // 8 * 8 // bits.dtype.itemsize  # elements in whole words
+    clean = not _any_special_words(bits[:whole].view(np.uint64), _lanes(mask, width), _lanes(1, width),
+                                   _lanes(1 << (width - 1), width))
+    if clean and not (bits[whole:] & mask == mask).any():
+        return 0
+    _threads()
+    return int(_count_special(bits, bits.dtype.type(mask)))
