@@ -8,9 +8,12 @@ fixtures from it with ``k2quant.formats.convert.convert``. Then, for each direct
 
 - elements/s (all weight elements read) and source GB/s, end to end: the ``convert.convert`` call
   (workers' start, read, decode, encode, write, verify, index); "wall s" adds the child's interpreter start;
-- % of the disk bound: the same source shards read sequentially with 16 MiB reads, after the same
+- % of the disk bound: the same source shards read sequentially with 16 MiB reads right before the run
+  (the disk's speed moves on a shared virtual disk), after the same
   cache eviction (``posix_fadvise(DONTNEED)`` on every source file after an fsync; with ``--drop-caches``,
   as root, also ``echo 3 > /proc/sys/vm/drop_caches``);
+- % of the I/O bound: max(source bytes at the read speed, output bytes at the sequential write speed
+  measured here with fsync); on a disk that writes slower than it reads, the output side sets the limit;
 - x library: compressed-tensors 0.20 on sampled expert tensors of the same fixture, per element
   (``calculate_qparams`` + ``PackedQuantizationCompressor.compress`` for INT4, ``FP8BlockDequantizer``
   for FP8 decode, ``PackedQuantizationCompressor.decompress`` for INT4 decode), extrapolated to the
@@ -157,6 +160,20 @@ def sequential_read(paths: list[Path], chunk: int = 16 << 20) -> tuple[int, floa
             while n := f.readinto(view):
                 total += n
     return total, time.perf_counter() - t0
+
+
+def sequential_write(directory: Path, nbytes: int, chunk: int = 16 << 20) -> tuple[int, float]:
+    """(bytes, seconds) to write ``nbytes`` of fresh data to one file with large writes, then fsync."""
+    buf = os.urandom(chunk)
+    path = directory / "write-bound.tmp"
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(max(1, nbytes // chunk)):
+            f.write(buf)
+        os.fsync(f.fileno())
+    secs = time.perf_counter() - t0
+    path.unlink()
+    return max(1, nbytes // chunk) * chunk, secs
 
 
 # -- one conversion in a child process ---------------------------------------------------------------
@@ -328,19 +345,22 @@ def render(rows: list[dict], disk: dict, meta: dict) -> None:
 
     t = Table(title=f"k2quant convert, {meta['fixture_gb']:.2f} GB BF16 fixture, workers={meta['workers']}, "
                     f"threads={meta['threads']}")
-    for col in ("direction", "kernel", "Melem/s", "src GB/s", "% disk bound", "x library", "kernel x library",
+    for col in ("direction", "kernel", "Melem/s", "src GB/s", "read GB/s", "write GB/s", "% disk bound",
+                "% I/O bound", "x library", "kernel x library",
                 "peak RSS tree", "peak RSS proc", "convert s", "wall s"):
         t.add_column(col, justify="right")
     for r in rows:
         fmt = lambda x, f: "n/a" if x is None else f.format(x)  # noqa: E731
         t.add_row(r["direction"], r["kernel"], fmt(r["melem_s"], "{:.0f}"), fmt(r["src_gb_s"], "{:.2f}"),
-                  fmt(r["pct_disk_bound"], "{:.0f}%"), fmt(r["x_library"], "{:.1f}x"),
+                  fmt(r["read_gb_s"], "{:.2f}"), fmt(r["write_gb_s"], "{:.2f}"),
+                  fmt(r["pct_disk_bound"], "{:.0f}%"), fmt(r["pct_io_bound"], "{:.0f}%"), fmt(r["x_library"], "{:.1f}x"),
                   fmt(r["kernel_x_library"], "{:.1f}x"), f"{r['peak_rss_tree'] / GIB:.2f} GiB",
                   f"{r['peak_rss_proc'] / GIB:.2f} GiB", f"{r['convert_s']:.1f}", f"{r['wall_s']:.1f}")
     console = Console(width=200)
     console.print(t)
-    console.print("disk bound (sequential 16 MiB reads after eviction): "
-                    + ", ".join(f"{k} {v['gb_s']:.2f} GB/s" for k, v in disk.items()))
+    console.print("bounds measured right before each run: read GB/s = the same source shards read sequentially "
+                  "(16 MiB reads, after eviction); write GB/s = 1 GiB written sequentially + fsync; "
+                  "I/O bound = max(source bytes / read speed, output bytes / write speed)")
     console.print(f"cache eviction: {meta['eviction']}")
 
 
@@ -389,14 +409,23 @@ def main(argv: list[str] | None = None) -> None:
         n = elements(dirs[src])
         for kernel in kernels:
             shutil.rmtree(out_dir, ignore_errors=True)
+            # the disk moves (a shared virtual disk here): measure its bounds right before each run
+            evict(shard_files(dirs[src]), a.drop_caches)
+            rbytes, rsecs = sequential_read(shard_files(dirs[src]))
+            wbytes, wsecs = sequential_write(a.dir.parent, 1 << 30)
             evict(shard_files(dirs[src]), a.drop_caches)
             r = run_child(dirs[src], out_dir, dst, a.workers, kernel, a.threads)
+            read_s, write_s = r["bytes_in"] * rsecs / rbytes, r["bytes_out"] * wsecs / wbytes
             lib = rates[direction]["library"]
             mine = rates[direction].get("fast" if kernel in (None, "auto", "fast") else "reference")
             rows.append({"direction": direction, "kernel": kernel or "default", "elements": n,
-                         "src_bytes": r["bytes_in"], "wall_s": r["wall_s"], "convert_s": r["convert_s"],
+                         "src_bytes": r["bytes_in"], "dst_bytes": r["bytes_out"], "wall_s": r["wall_s"],
+                         "convert_s": r["convert_s"], "read_gb_s": rbytes / rsecs / 1e9,
+                         "write_gb_s": wbytes / wsecs / 1e9,
                          "melem_s": n / r["convert_s"] / 1e6, "src_gb_s": r["bytes_in"] / r["convert_s"] / 1e9,
-                         "pct_disk_bound": 100 * (r["bytes_in"] / disk[src]["gb_s"] / 1e9) / r["convert_s"],
+                         "pct_disk_bound": 100 * read_s / r["convert_s"],
+                         # the I/O bound: read the source and write the output, fully overlapped
+                         "pct_io_bound": 100 * max(read_s, write_s) / r["convert_s"],
                          "x_library": None if lib is None else n / r["convert_s"] / lib,
                          "kernel_x_library": None if lib is None or mine is None else mine / lib,
                          "peak_rss_tree": r["peak_rss_tree"], "peak_rss_proc": r["peak_rss_proc"]})
