@@ -24,6 +24,7 @@ demo: venv
 	$(BIN)/k2quant inspect $(DEMO)/K2-fp8
 	$(BIN)/k2quant convert $(DEMO)/K2-fp8 $(DEMO)/K2-int4 --to int4
 	$(BIN)/k2quant inspect $(DEMO)/K2-int4
+	$(BIN)/k2quant verify $(DEMO)/K2-fp8 $(DEMO)/K2-int4
 	$(BIN)/k2quant convert $(DEMO)/K2-int4 $(DEMO)/K2-bf16 --to bf16
 	$(BIN)/k2quant convert $(DEMO)/K2-bf16 $(DEMO)/K2-fp8-again --to fp8
 	$(BIN)/k2quant convert $(DEMO)/K2-fp8 $(DEMO)/K2-bf16-from-fp8 --to bf16
