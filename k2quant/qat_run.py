@@ -32,7 +32,6 @@ from k2quant.errors import FormatError, K2QuantError, OutputError, collect
 from k2quant.formats import convert, load, plan, source, tiny
 from k2quant.formats.checkpoint import CONFIG, Checkpoint
 from k2quant.quant import int4_group
-from k2quant.quant import scheme as qscheme
 from k2quant.quant.scheme import QuantScheme
 
 log = logging.getLogger(__name__)

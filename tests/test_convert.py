@@ -1,8 +1,6 @@
 """All six directions on tiny K2 checkpoints, bit-exact against independent oracles."""
-import json
 import re
 
-import pytest
 import torch
 
 from helpers import config, ct_int4_compress, ct_int4_decompress, index, read_all

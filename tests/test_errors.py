@@ -5,7 +5,6 @@ import os
 import shutil
 import struct
 
-import pytest
 import torch
 from click.testing import CliRunner
 

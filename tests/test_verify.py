@@ -3,7 +3,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from k2quant.errors import K2QuantError
-from k2quant.formats import convert, layout, plan, shards, source
+from k2quant.formats import convert, layout, output, plan, shards, source
 from k2quant.formats.checkpoint import INDEX, Checkpoint
 from k2quant.quant import dispatch
 from k2quant.quant import scheme as qscheme
@@ -132,7 +132,7 @@ def _check_index(d_ck: Checkpoint, problems: _Problems) -> None:
 
 
 def _check_manifest(d_ck: Checkpoint, problems: _Problems, stats: dict) -> None:
-    path = d_ck.path / convert.MANIFEST
+    path = d_ck.path / output.MANIFEST
     if not path.exists():
         return
     recs = json.loads(path.read_text()).get("shards", {})
