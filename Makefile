@@ -33,6 +33,7 @@ demo: venv
 	$(BIN)/k2quant inspect $(DEMO)/K2-int4-kimi
 
 test: venv
+	$(BIN)/ruff check k2quant tests bench
 	$(BIN)/python -m pytest -q
 
 clean:
