@@ -94,7 +94,7 @@ def prefetch(item: Item) -> dict[str, torch.Tensor] | None:
 def _chunks(item: Item, ctx: _Ctx) -> list[tuple[int, int]]:
     n, k = item.shape
     align = 1
-    for sch, rep in ((ctx.src.scheme, item.src_rep.rstrip("*")), (ctx.scheme, item.dst_rep)):
+    for sch, rep in ((ctx.src.scheme, item.stored_rep), (ctx.scheme, item.dst_rep)):
         if rep == source.FP8:
             align = max(align, sch.block_size[0])  # tiles never split across chunks
     rows = max(align, (CHUNK_ELEMS // max(k, 1)) // align * align)
@@ -113,7 +113,7 @@ def _fp8_rows(item: Item, rd: _Reader, ctx: _Ctx, r0: int, r1: int) -> tuple[tor
 
 def _decode_rows(item: Item, rd: _Reader, ctx: _Ctx, r0: int, r1: int) -> torch.Tensor:
     """Rows ``r0:r1`` of the item's float weight (stored plain as is, quantized ones dequantized to BF16)."""
-    rep = item.src_rep.rstrip("*")
+    rep = item.stored_rep
     if rep == source.FP8:
         return ctx.ops.fp8_decode(*_fp8_rows(item, rd, ctx, r0, r1), ctx.src.scheme)
     if rep == source.INT4:
@@ -156,11 +156,11 @@ def pieces(item: Item, ctx: _Ctx, data: dict[str, torch.Tensor] | None = None) -
     if item.passthrough:
         yield from _passthrough(item, rd)
         return
-    if item.src_rep.rstrip("*") == source.INT4:
+    if item.stored_rep == source.INT4:
         _check_int4_shape(item, rd)
     names = [e.name for e in item.entries]
     scales = []
-    fused = item.src_rep.rstrip("*") == source.FP8 and item.dst_rep == source.INT4
+    fused = item.stored_rep == source.FP8 and item.dst_rep == source.INT4
     for r0, r1 in _chunks(item, ctx):
         if fused:
             packed, scale = ctx.ops.fp8_to_int4(*_fp8_rows(item, rd, ctx, r0, r1), ctx.src.scheme, ctx.scheme)
@@ -358,8 +358,7 @@ def _report(ckpt: Checkpoint, plan: Plan, dst: Path, seconds: float, workers: in
     nl = ckpt.config.get("num_hidden_layers")
     by_class: dict[str, dict[str, int]] = {}
     for it in plan.items:
-        name = it.key if it.sources[0][0] == "tensor" else it.key + ".weight"
-        c = by_class.setdefault(layout.tensor_class(name, nl), {"count": 0, "bytes_in": 0, "bytes_out": 0})
+        c = by_class.setdefault(layout.tensor_class(it.tensor_name, nl), {"count": 0, "bytes_in": 0, "bytes_out": 0})
         c["count"] += 1
         c["bytes_in"] += it.src_bytes
         c["bytes_out"] += it.dst_bytes

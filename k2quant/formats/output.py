@@ -62,6 +62,16 @@ def prepare_output(src: Path, dst: Path, need_bytes: int, force: bool, resume: b
                           f"{free / 1e9:.2f} GB are free; free space or choose another disk")
 
 
+def shard_records(state: Path) -> dict[str, dict]:
+    """The completion records finished shards left in the state directory, by shard name."""
+    records = {}
+    for f in state.glob("*.json"):
+        if f.name != "settings.json":
+            rec = json.loads(f.read_text())
+            records[rec["shard"]] = rec
+    return records
+
+
 def resume_state(dst: Path, settings: dict, plan: Plan) -> dict[str, dict]:
     """Records of shards an interrupted run finished and that are intact; refuse changed settings."""
     state = dst / STATE_DIR
@@ -81,13 +91,8 @@ def resume_state(dst: Path, settings: dict, plan: Plan) -> dict[str, dict]:
         details = "; ".join(f"{k}: was {saved.get(k)!r}, now {settings.get(k)!r}" for k in diff)
         raise OutputError(f"{dst}: --resume with settings that differ from the interrupted run's ({details}); "
                           f"rerun with the same settings, or pass --force instead of --resume to start over")
-    records = {}
-    if manifest.exists():
-        records = json.loads(manifest.read_text())["shards"]
-    for f in state.glob("*.json"):
-        if f.name != "settings.json":
-            rec = json.loads(f.read_text())
-            records[rec["shard"]] = rec
+    records = json.loads(manifest.read_text())["shards"] if manifest.exists() else {}
+    records |= shard_records(state)
     kept = {}
     for name in plan.shard_names:
         rec, path = records.get(name), dst / name
@@ -177,11 +182,7 @@ class Group:
 def finish(ckpt: Checkpoint, plan: Plan, dst: Path, settings: dict, kept: dict[str, dict]) -> None:
     """Manifest, carried files and config, then the index last: its presence marks a complete checkpoint."""
     state = dst / STATE_DIR
-    records = dict(kept)
-    for f in state.glob("*.json"):
-        if f.name != "settings.json":
-            rec = json.loads(f.read_text())
-            records[rec["shard"]] = rec
+    records = kept | shard_records(state)
     missing = [n for n in plan.shard_names if n not in records]
     collect([f"{dst}: shard {n} has no completion record; run again with --resume" for n in missing], OutputError)
     shards.write_json(dst / MANIFEST, {"settings": settings,

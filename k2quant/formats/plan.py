@@ -44,6 +44,16 @@ class Item:
     def passthrough(self) -> bool:
         return self.src_rep == self.dst_rep
 
+    @property
+    def stored_rep(self) -> str:
+        """How the source stores it (plain/fp8/int4), without the requantize mark ``*``."""
+        return self.src_rep.rstrip("*")
+
+    @property
+    def tensor_name(self) -> str:
+        """The weight's tensor name for a module (``<key>.weight``), the name itself for a loose tensor."""
+        return self.key if self.sources[0][0] == "tensor" else self.key + ".weight"
+
     def part(self, role: str) -> TensorInfo:
         return dict(self.sources)[role]
 

@@ -150,7 +150,7 @@ def _check_manifest(d_ck: Checkpoint, problems: _Problems, stats: dict) -> None:
 def _check_values(it: plan.Item, d_it: plan.Item, ctxs, problems: _Problems, stats: dict,
                   errors: dict[str, float], nl: int | None) -> None:
     s_ctx, d_ctx = ctxs
-    name = it.key if it.sources[0][0] == "tensor" else it.key + ".weight"
+    name = it.tensor_name
     cls = layout.tensor_class(name, nl)
     d_file = d_it.sources[0][1].file
     if it.passthrough:
