@@ -306,15 +306,23 @@ def evaluate(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, batch_s
 
 # -- logging helpers -----------------------------------------------------------------------------
 class ExpertCounter:
-    """Tokens routed to each expert, per MoE layer, since the last ``take()``."""
+    """Tokens routed to each expert, per MoE layer, since the last ``take()``.
+
+    Counts only inside the model's own forward: activation checkpointing reruns the decoder layers
+    (and their routers) in backward, outside it, and must not count the tokens twice."""
 
     def __init__(self, model: nn.Module):
         self.counts: dict[str, torch.Tensor] = {}
+        self.armed = False
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in model.named_modules()
                         if hasattr(m, "e_score_correction_bias") and hasattr(m, "top_k")]
+        self.handles += [model.register_forward_pre_hook(lambda *_: setattr(self, "armed", True)),
+                         model.register_forward_hook(lambda *_: setattr(self, "armed", False), always_call=True)]
 
     def _hook(self, name: str):
         def hook(module, args, output) -> None:
+            if not self.armed:
+                return
             idx = output[2]  # (router_logits, topk_weights, topk_indices [T, k])
             c = torch.bincount(idx.reshape(-1), minlength=module.num_experts)
             self.counts[name] = self.counts.get(name, 0) + c

@@ -306,13 +306,17 @@ def test_too_little_data(work, tmp_path):
 def test_gradient_checkpointing_and_train_experts(work):
     root, src = work
     ids = torch.randint(3, 1024, (2, 16), generator=torch.Generator().manual_seed(2))
-    grads = []
+    grads, counts = [], []
     for gc in (False, True):
         cfg = _cfg(root, src, "unused", grad_checkpointing=gc, train="experts")
         student, teacher = qat_run.build_models(cfg, cfg.scheme())
         assert {n for n, p in student.named_parameters() if p.requires_grad} == {
             f"model.layers.{li}.mlp.experts.{p}" for li in (1, 2) for p in ("gate_up_proj", "down_proj")}
+        counter = qat_run.ExpertCounter(student)
         loss, _ = qat_run.losses(cfg, student, teacher, ids)
-        loss.backward()
+        loss.backward()  # with checkpointing, the layers (and routers) run again here
         grads.append(student.model.layers[2].mlp.experts.down_proj.grad)
+        counts.append(counter.take())
     assert torch.equal(grads[0], grads[1]) and bool(grads[0].abs().sum() > 0)
+    # each token counted once per MoE layer and top-k slot, not again by the recompute
+    assert counts[0] == counts[1] and all(sum(c) == 2 * 16 * 2 for c in counts[1].values())
