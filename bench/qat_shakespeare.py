@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from k2quant import data, qat, qat_run
+from k2quant import data, qat, qat_data, qat_run
 from k2quant.formats import convert, load, plan, tiny
 
 MODEL = dict(vocab_size=2048, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
@@ -71,7 +71,7 @@ def pretrain(a: argparse.Namespace, out: Path, train_dir: Path) -> tuple[Path, d
     texts = [p.read_text() for p in sorted(train_dir.glob("*.txt"))]
     tok_dir = data.train_tokenizer(texts, MODEL["vocab_size"], out / "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    seqs = qat_run.pack(texts, tokenizer, a.seq_len)
+    seqs = qat_data.pack(texts, tokenizer, a.seq_len)
     cfg = tiny.config_for("bf16", model_type="deepseek_v3", **MODEL)
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM._from_config(load.hf_config(cfg), dtype=torch.float32,
@@ -81,7 +81,7 @@ def pretrain(a: argparse.Namespace, out: Path, train_dir: Path) -> tuple[Path, d
         src="", data=[], out="", steps=a.pretrain_steps, min_lr_ratio=0.05)))
     t0, losses = time.perf_counter(), []
     for step in range(a.pretrain_steps):
-        ids = seqs[qat_run.batch_indices(len(seqs), a.batch_size, step, seed=1)]
+        ids = seqs[qat_data.batch_indices(len(seqs), a.batch_size, step, seed=1)]
         loss = qat_run.next_token_ce(model(ids).logits, ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -145,7 +145,7 @@ def step_times(cfg: qat_run.QatConfig, n: int) -> dict:
     from accelerate import Accelerator
 
     tokenizer = qat_run.load_tokenizer(cfg)
-    seqs, _ = qat_run.datasets(cfg, tokenizer)
+    seqs, _ = qat_data.datasets(cfg, tokenizer)
     student, teacher = qat_run.build_models(cfg, cfg.scheme())
     masters = qat_run.Masters(student)
     opt = torch.optim.AdamW(masters.masters, lr=cfg.lr, weight_decay=0.0)
@@ -178,7 +178,7 @@ def measure_memory(cfg: qat_run.QatConfig, enabled: bool, steps: int = 4) -> dic
         return int(line.split()[1]) * 1024
 
     tokenizer = qat_run.load_tokenizer(cfg)
-    seqs, _ = qat_run.datasets(cfg, tokenizer)
+    seqs, _ = qat_data.datasets(cfg, tokenizer)
     student, teacher = qat_run.build_models(cfg, cfg.scheme())
     qat.set_enabled(student, enabled)
     masters = qat_run.Masters(student)
@@ -232,7 +232,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(bf16_dir))
-    held = qat_run.pack(qat_run.load_texts([str(held_dir)], tok), tok, a.seq_len)[: a.eval_seqs]
+    held = qat_data.pack(qat_data.load_texts([str(held_dir)], tok), tok, a.seq_len)[: a.eval_seqs]
     res = evaluate({"bf16": bf16_dir, "ptq_int4": ptq_dir, "qat_int4": qat_dir}, held, a.batch_size)
     timing = step_times(_cfg(a, bf16_dir, train_dir, held_dir, out / "unused"), a.timing_steps)
     memory = memory_ratio(out)

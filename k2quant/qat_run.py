@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from k2quant import qat
-from k2quant.errors import FormatError, K2QuantError, OutputError, collect
+from k2quant import qat, qat_dist
+from k2quant.errors import K2QuantError, OutputError
 from k2quant.formats import convert, load, plan, source, tiny
 from k2quant.formats.checkpoint import CONFIG, Checkpoint
+from k2quant.qat_data import batch_indices, datasets
 from k2quant.quant import int4_group
 from k2quant.quant.scheme import QuantScheme
 
@@ -40,7 +41,6 @@ LOSSES = ("kl", "ce", "ce+kl")
 TRAIN = ("all", "experts")
 STATE = "state"
 MODEL_FILE, TRAINER_FILE, RUN_FILE = "model.safetensors", "trainer.pt", "run.json"
-TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 #: settings that decide the trained weights: a resume must use the same ones
 RESULT_FIELDS = ("src", "data", "steps", "lr", "seq_len", "batch_size", "loss", "scale_rule", "group_size", "targets",
                  "ignore", "train", "warmup", "min_lr_ratio", "clip", "seed", "eval_fraction", "fake_quant")
@@ -96,87 +96,6 @@ class QatReport:
     int4_audit: dict | None
     eval: dict
     exported: bool
-
-
-# -- data ----------------------------------------------------------------------------------------
-def _files(paths: list[str]) -> list[Path]:
-    out, missing = [], []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES)
-        elif p.is_file():
-            out.append(p)
-        else:
-            missing.append(f"{p}: data file not found; pass existing .txt/.md/.jsonl files or directories to --data")
-    collect(missing, K2QuantError)
-    if not out:
-        raise K2QuantError(f"{', '.join(paths)}: no .txt, .md or .jsonl files found; pass text or jsonl data")
-    return out
-
-
-def _jsonl_texts(path: Path, tokenizer) -> list[str]:
-    texts = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{path}:{i}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
-        if isinstance(row, dict) and isinstance(row.get("text"), str):
-            texts.append(row["text"])
-        elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-            if not getattr(tokenizer, "chat_template", None):
-                raise FormatError(f"{path}:{i}: chat `messages` need a chat template, but the tokenizer has none; "
-                                  f"use a tokenizer with a chat template (--tokenizer) or `text` rows")
-            texts.append(tokenizer.apply_chat_template(row["messages"], tokenize=False))
-        else:
-            raise FormatError(f"{path}:{i}: expected a `text` string or a `messages` list, found keys "
-                              f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
-    return texts
-
-
-def load_texts(paths: list[str], tokenizer) -> list[str]:
-    """Documents from text files (one per file) and jsonl rows (``text`` or chat ``messages``)."""
-    texts: list[str] = []
-    for f in _files(paths):
-        texts += _jsonl_texts(f, tokenizer) if f.suffix == ".jsonl" else [f.read_text(encoding="utf-8")]
-    return texts
-
-
-def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """Token ids ``[S, seq_len]``: documents + eos, concatenated and cut (the tail is dropped)."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for t in texts:
-        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-    n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len)  # [S, seq_len]
-
-
-def datasets(cfg: QatConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(train, held-out)`` packed sequences: ``--eval-data``, else the last ``eval_fraction`` of the stream."""
-    seqs = pack(load_texts(cfg.data, tokenizer), tokenizer, cfg.seq_len)
-    if cfg.eval_data:
-        held = pack(load_texts(cfg.eval_data, tokenizer), tokenizer, cfg.seq_len)
-    else:
-        n_eval = max(1, round(len(seqs) * cfg.eval_fraction)) if cfg.eval_fraction > 0 else 0
-        seqs, held = seqs[: len(seqs) - n_eval], seqs[len(seqs) - n_eval:]
-    if len(seqs) < 1:
-        raise K2QuantError(f"{', '.join(cfg.data)}: too little text for one training sequence of --seq-len "
-                           f"{cfg.seq_len} tokens after holding out evaluation data; add data or lower --seq-len")
-    return seqs, held
-
-
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """The sequences of 0-based ``step``: a fixed permutation per epoch, so the position is just the step."""
-    pos = torch.arange(step * batch_size, (step + 1) * batch_size)
-    out = torch.empty_like(pos)
-    for epoch in pos.div(n, rounding_mode="floor").unique().tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        sel = pos.div(n, rounding_mode="floor") == epoch
-        out[sel] = perm[pos[sel] % n]
-    return out
 
 
 # -- model ---------------------------------------------------------------------------------------
@@ -237,13 +156,14 @@ class Masters:
                     p.copy_(m)  # round to nearest bf16
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: m.detach() for n, p, m in zip(self.names, self.params, self.masters) if m is not p}
+        """The separate fp32 masters (their local shards under FSDP) by parameter name."""
+        return {n: qat_dist.local(m.detach())[0] for n, p, m in zip(self.names, self.params, self.masters) if m is not p}
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for n, p, m in zip(self.names, self.params, self.masters):
                 if m is not p:
-                    m.copy_(sd[n])
+                    qat_dist.local(m)[0].copy_(sd[n])  # a rank's own shard under FSDP
         self.masters_to_params()
 
 
@@ -328,7 +248,10 @@ class ExpertCounter:
             self.counts[name] = self.counts.get(name, 0) + c
         return hook
 
-    def take(self) -> dict[str, list[int]]:
+    def take(self, accelerator=None) -> dict[str, list[int]]:
+        """The counts (summed over processes when ``accelerator`` runs several), and a fresh start."""
+        if accelerator is not None and accelerator.num_processes > 1:
+            self.counts = {n: accelerator.reduce(c.to(accelerator.device), "sum").cpu() for n, c in self.counts.items()}
         out = {n.removesuffix(".mlp.gate"): c.tolist() for n, c in self.counts.items()}
         self.counts = {}
         return out
@@ -386,27 +309,38 @@ def _set_rng_state(s: dict) -> None:
 
 
 def save_state(state_dir: Path, cfg: QatConfig, step: int, model_sd: dict[str, torch.Tensor], masters: Masters,
-               opt: torch.optim.Optimizer, sched, tokenizer) -> None:
-    """Write the whole run state next to ``state_dir`` and swap it in (the old state survives a crash)."""
+               opt: torch.optim.Optimizer, sched, tokenizer, accelerator) -> None:
+    """Write the whole run state next to ``state_dir`` and swap it in (the old state survives a crash).
+
+    Collective: every process calls it. The main one writes the gathered model, config and tokenizer;
+    each writes its own masters, optimizer state and RNG (shards of them under FSDP)."""
     tmp = state_dir.with_name(state_dir.name + ".k2q-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    ckpt = Checkpoint(cfg.src)
-    for p in ckpt.other_files():  # generation config, tokenizer, chat template, ...
-        (tmp / p.relative_to(ckpt.path)).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(p, tmp / p.relative_to(ckpt.path))
-    tokenizer.save_pretrained(str(tmp))
-    save_file({k: v.detach().contiguous() for k, v in model_sd.items()}, str(tmp / MODEL_FILE))
-    torch.save({"step": step, "masters": masters.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": _rng_state()}, tmp / TRAINER_FILE)
-    cfg_src = {k: v for k, v in ckpt.config.items() if k not in ("quantization_config", "compression_config")}
-    (tmp / CONFIG).write_text(json.dumps(cfg_src, indent=2))
-    (tmp / RUN_FILE).write_text(json.dumps({"config": dataclasses.asdict(cfg), "step": step}, indent=2))
-    old = state_dir.with_name(state_dir.name + ".k2q-old")
-    if state_dir.exists():
-        os.replace(state_dir, old)
-    os.replace(tmp, state_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        ckpt = Checkpoint(cfg.src)
+        for p in ckpt.other_files():  # generation config, tokenizer, chat template, ...
+            (tmp / p.relative_to(ckpt.path)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, tmp / p.relative_to(ckpt.path))
+        tokenizer.save_pretrained(str(tmp))
+        save_file({k: v.detach().contiguous() for k, v in model_sd.items()}, str(tmp / MODEL_FILE))
+        cfg_src = {k: v for k, v in ckpt.config.items() if k not in ("quantization_config", "compression_config")}
+        (tmp / CONFIG).write_text(json.dumps(cfg_src, indent=2))
+        (tmp / RUN_FILE).write_text(json.dumps({"config": dataclasses.asdict(cfg), "step": step,
+                                                "processes": world}, indent=2))
+    accelerator.wait_for_everyone()
+    torch.save(qat_dist.to_local_tree({"step": step, "masters": masters.state_dict(), "optimizer": opt.state_dict(),
+                                       "scheduler": sched.state_dict(), "rng": _rng_state()}),
+               qat_dist.trainer_file(tmp, rank, world, TRAINER_FILE))
+    accelerator.wait_for_everyone()
+    if main:
+        old = state_dir.with_name(state_dir.name + ".k2q-old")
+        if state_dir.exists():
+            os.replace(state_dir, old)
+        os.replace(tmp, state_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def read_run(state_dir: str | Path) -> tuple[QatConfig, int]:
@@ -428,11 +362,24 @@ def check_resume(saved: QatConfig, cfg: QatConfig, state_dir: str | Path) -> Non
                            f"rerun with the saved settings or start a new run")
 
 
-def _load_state(state_dir: Path, student: nn.Module, masters: Masters, opt, sched) -> int:
-    student.load_state_dict(load_file(str(state_dir / MODEL_FILE)))
-    tr = torch.load(state_dir / TRAINER_FILE, weights_only=False)
+def _load_state(state_dir: Path, student: nn.Module, masters: Masters, opt, sched, accelerator) -> int:
+    rank, world = accelerator.process_index, accelerator.num_processes
+    trainer = qat_dist.trainer_file(state_dir, rank, world, TRAINER_FILE)
+    if not trainer.is_file():
+        saved = json.loads((state_dir / RUN_FILE).read_text()).get("processes", 1)
+        raise K2QuantError(f"{state_dir}: saved by {saved} process(es), resumed with {world}; the optimizer state "
+                           f"is stored per process: resume with {saved} process(es)")
+    sd = load_file(str(state_dir / MODEL_FILE))
+    if qat_dist.is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(student, sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        accelerator.unwrap_model(student).load_state_dict(sd)
+    tr = torch.load(trainer, weights_only=False)
     masters.load_state_dict(tr["masters"])
     opt.load_state_dict(tr["optimizer"])
+    qat_dist.optimizer_state_to_dtensor(opt)
     sched.load_state_dict(tr["scheduler"])
     _set_rng_state(tr["rng"])
     return int(tr["step"])
@@ -465,8 +412,12 @@ def load_tokenizer(cfg: QatConfig):
                            f"files in the checkpoint directory or pass --tokenizer DIR") from None
 
 
-def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | None = None) -> QatReport:
-    """Train ``cfg.src`` with fake-quant targets for ``cfg.steps`` steps, save state, and export INT4."""
+def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | None = None,
+        accelerator=None) -> QatReport:
+    """Train ``cfg.src`` with fake-quant targets for ``cfg.steps`` steps, save state, and export INT4.
+
+    ``accelerator``: an ``accelerate.Accelerator`` (default: one built from the environment, as
+    ``accelerate launch`` sets it up)."""
     from accelerate import Accelerator
 
     t0 = time.perf_counter()
@@ -479,34 +430,37 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
     train_seqs, held = datasets(cfg, tokenizer)
-    accelerator = Accelerator()  # devices, processes; dtypes are k2quant's own (fp32 masters, bf16 compute)
+    # devices, processes, sharding; dtypes are k2quant's own (fp32 masters, bf16 compute)
+    accelerator = accelerator or Accelerator()
+    if cfg.batch_size % accelerator.num_processes:
+        raise K2QuantError(f"--batch-size {cfg.batch_size} does not split over {accelerator.num_processes} "
+                           f"processes; use a multiple of {accelerator.num_processes}")
     student, teacher = build_models(cfg, scheme)  # wrappers go on before any sharding
-    student, teacher = accelerator.prepare_model(student), teacher.to(accelerator.device)
-    masters = Masters(student)
+    student, teacher = qat_dist.distribute(accelerator, student, teacher)
+    model = accelerator.unwrap_model(student)  # names without a DDP prefix; FSDP2 shards in place
+    masters = Masters(model)
     opt = torch.optim.AdamW(masters.masters, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg))
-    step = _load_state(Path(resume), student, masters, opt, sched) if resume is not None else 0
-    counter = ExpertCounter(student)
-    last_codes = _codes(student) if cfg.log_every else {}
+    step = _load_state(Path(resume), student, masters, opt, sched, accelerator) if resume is not None else 0
+    counter = ExpertCounter(model)
+    last_codes = qat_dist.local_codes(model) if cfg.log_every else {}
     logf = open(cfg.json_log, "a" if resume is not None else "w") if cfg.json_log else None
     try:
         while step < cfg.steps and (cfg.stop_after is None or step < cfg.stop_after):
             rec = train_step(cfg, accelerator, student, teacher, masters, opt, sched, train_seqs, step)
             step += 1
             if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps):
-                codes = _codes(student)
-                rec["flip_rate"] = qat.flip_rate(last_codes, codes)
+                codes = qat_dist.local_codes(model)
+                rec["flip_rate"] = qat_dist.flip_rate(accelerator, last_codes, codes)
                 last_codes = codes
-            rec["expert_tokens"] = counter.take()
+            rec["expert_tokens"] = counter.take(accelerator)
             if cfg.eval_every and step % cfg.eval_every == 0:
                 rec["eval"] = evaluate(student, teacher, held, cfg.batch_size, cfg.eval_batches)
                 counter.take()
             _emit(rec, logf, progress)
             if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or step == cfg.stop_after:
-                model_sd = accelerator.get_state_dict(student)  # gathered when sharded
-                if accelerator.is_main_process:
-                    save_state(out / STATE, cfg, step, model_sd, masters, opt, sched, tokenizer)
-                accelerator.wait_for_everyone()
+                model_sd = accelerator.get_state_dict(student)  # gathered (to the main process) when sharded
+                save_state(out / STATE, cfg, step, model_sd, masters, opt, sched, tokenizer, accelerator)
     finally:
         if logf:
             logf.close()
@@ -520,27 +474,29 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
                      cfg.scale_rule, audit, result, exported)
 
 
-def _codes(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: q for k, (q, _) in qat.codes(model).items()}
-
-
 def train_step(cfg: QatConfig, accelerator, student: nn.Module, teacher: nn.Module, masters: Masters,
                opt: torch.optim.Optimizer, sched, seqs: torch.Tensor, step: int) -> dict:
     """One optimizer step on the batch of 0-based ``step``; returns its log record (without flips/experts)."""
     t0 = time.perf_counter()
-    ids = seqs[batch_indices(len(seqs), cfg.batch_size, step, cfg.seed)].to(accelerator.device)  # [B, T]
+    ids = seqs[batch_indices(len(seqs), cfg.batch_size, step, cfg.seed)]  # [B, T], the global batch
+    ids = ids[accelerator.process_index::accelerator.num_processes].to(accelerator.device)  # this rank's share
     loss, parts = losses(cfg, student, teacher, ids)
-    accelerator.backward(loss)
+    accelerator.backward(loss)  # gradients averaged over ranks: the mean over the global batch
     masters.grads_to_masters()
     norm = torch.nn.utils.clip_grad_norm_(masters.masters, cfg.clip) if cfg.clip > 0 else torch.tensor(0.0)
+    norm = qat_dist.full_value(norm)
     lr = sched.get_last_lr()[0]
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
     masters.masters_to_params()
+    if accelerator.num_processes > 1:  # log the global batch's means
+        vals = accelerator.reduce(torch.tensor([loss.item(), parts["kl"], parts["ce"]], device=accelerator.device),
+                                  "mean").tolist()
+        loss, parts = torch.tensor(vals[0]), {"kl": vals[1], "ce": vals[2]}
     dt = time.perf_counter() - t0
     return {"step": step + 1, "loss": loss.item(), **parts, "lr": lr, "grad_norm": float(norm),
-            "step_s": dt, "tokens_per_s": ids.numel() / dt}
+            "step_s": dt, "tokens_per_s": ids.numel() * accelerator.num_processes / dt}
 
 
 def _emit(rec: dict, logf, progress: Progress | None) -> None:
@@ -569,6 +525,11 @@ def per_expert_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def _is_trainer_file(name: str) -> bool:
+    stem = TRAINER_FILE.removesuffix(".pt")
+    return name == TRAINER_FILE or (name.startswith(stem + ".rank") and name.endswith(".pt"))
+
+
 def export(state_dir: str | Path, out: str | Path, replace: bool = False,
            progress: convert.Progress | None = None) -> convert.ConvertReport:
     """The INT4 checkpoint of a qat state: targeted fp32 masters through convert, config and tokenizer kept."""
@@ -583,6 +544,7 @@ def export(state_dir: str | Path, out: str | Path, replace: bool = False,
         tiny.write_checkpoint(tmp, sd, config, num_shards=max(1, -(-total // plan.DEFAULT_MAX_SHARD)),
                               move_scale=False)
         for p in state_dir.iterdir():  # tokenizer, generation config, ... (not the trainer's own files)
-            if p.is_file() and p.name not in (MODEL_FILE, TRAINER_FILE, RUN_FILE, CONFIG):
+            if p.is_file() and p.name not in (MODEL_FILE, RUN_FILE, CONFIG) and not _is_trainer_file(p.name):
                 shutil.copy2(p, Path(tmp) / p.name)
-        return convert.convert(tmp, out, "int4", cfg.scheme(), force=True, progress=progress)
+        # one process writes the export, even inside a multi-process (torchrun) training run
+        return convert.convert(tmp, out, "int4", cfg.scheme(), force=True, progress=progress, rank=0, world_size=1)

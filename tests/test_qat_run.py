@@ -15,7 +15,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from k2quant import cli_qat, data, qat, qat_run
+from k2quant import cli_qat, data, qat, qat_data, qat_run
 from k2quant.errors import FormatError, K2QuantError, OutputError
 from k2quant.formats import load, tiny
 from k2quant.quant import int4_group
@@ -224,8 +224,8 @@ def test_jsonl_text_and_chat_messages(work, tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"text": "the king"}) + "\n\n" +
                  json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}))
-    assert qat_run.load_texts([str(f)], tok) == ["the king", "<user>hi<assistant>yo"]
-    seqs = qat_run.pack(["the king", "wine"], tok, 2)
+    assert qat_data.load_texts([str(f)], tok) == ["the king", "<user>hi<assistant>yo"]
+    seqs = qat_data.pack(["the king", "wine"], tok, 2)
     ids = tok("the king")["input_ids"] + [2] + tok("wine")["input_ids"] + [2]
     assert seqs.tolist() == [ids[i:i + 2] for i in range(0, len(ids) // 2 * 2, 2)]
 
@@ -243,16 +243,16 @@ def test_bad_jsonl_is_reported_with_file_and_line(work, tmp_path, content, messa
 
     (tmp_path / "d.jsonl").write_text(content)
     with pytest.raises(FormatError) as exc:
-        qat_run.load_texts([str(tmp_path / "d.jsonl")], AutoTokenizer.from_pretrained(str(src)))
+        qat_data.load_texts([str(tmp_path / "d.jsonl")], AutoTokenizer.from_pretrained(str(src)))
     assert str(exc.value) == f"{tmp_path}/{message}"
 
 
 def test_batches_cover_each_epoch_once():
     n, bs = 10, 4
-    seen = torch.cat([qat_run.batch_indices(n, bs, s, seed=3) for s in range(5)])  # 20 = two epochs
+    seen = torch.cat([qat_data.batch_indices(n, bs, s, seed=3) for s in range(5)])  # 20 = two epochs
     assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
     assert not torch.equal(seen[:10], seen[10:])  # a new order per epoch
-    assert torch.equal(qat_run.batch_indices(n, bs, 3, seed=3), seen[12:16])
+    assert torch.equal(qat_data.batch_indices(n, bs, 3, seed=3), seen[12:16])
 
 
 def test_schedule_warmup_then_cosine():

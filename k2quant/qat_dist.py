@@ -1,0 +1,142 @@
+"""QAT across processes: accelerate's FSDP2 (or DDP) around the student and teacher, and the per-rank
+pieces of the run state.
+
+Under FSDP2 every parameter is a ``DTensor`` sharded along dim 0 (``torch.chunk`` rows). INT4 groups run
+along the last dim, so the codes of a rank's local rows are exactly those rows' codes: flip rates are
+counted on local shards and summed, never gathered. fp32 masters and optimizer state are sharded like
+their parameters and saved per rank (``trainer.rank{r}-of-{w}.pt``); a resume needs the same number of
+processes. The model itself is saved gathered (one ``model.safetensors``), which export reads.
+
+One FSDP unit must not mix dtypes (FSDP2 asserts a uniform original dtype): the fake-quantized experts
+are fp32 masters and the rest bf16, so the experts need their own unit (``DeepseekV3Experts`` in
+``fsdp_transformer_layer_cls_to_wrap``, as ``examples/fsdp.yaml`` has it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from k2quant import qat
+from k2quant.errors import K2QuantError
+from k2quant.quant import scheme as qscheme
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch without distributed
+    DTensor = ()  # type: ignore[assignment,misc]
+
+EXPERTS_CLS = "DeepseekV3Experts"
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def distribute(accelerator, student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Student and teacher placed (and sharded) as the accelerate config says; wrappers already applied."""
+    if not is_fsdp(accelerator):
+        return accelerator.prepare_model(student), teacher.to(accelerator.device)
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise K2QuantError(f"accelerate config: fsdp_version {plugin.fsdp_version}; k2quant qat shards with FSDP2 "
+                           f"(per-parameter sharding keeps the fp32 experts apart from the bf16 rest): set "
+                           f"fsdp_version: 2, as examples/fsdp.yaml does")
+    if accelerator.mixed_precision != "no":
+        raise K2QuantError(f"accelerate config: mixed_precision {accelerator.mixed_precision!r}; k2quant qat manages "
+                           f"dtypes itself (fp32 expert masters fake-quantized to bf16, so that export writes what was "
+                           f"trained) and FSDP's cast would quantize bf16-rounded masters instead: set "
+                           f"mixed_precision: \"no\"")
+    try:
+        # the teacher first: the student's wrapped forwards must see the same auto-wrap policy
+        teacher = fsdp2_prepare_model(accelerator, teacher)
+        student = fsdp2_prepare_model(accelerator, student)
+    except AssertionError as exc:
+        if "uniform original parameter dtype" not in str(exc):
+            raise
+        raise K2QuantError(f"accelerate config: an FSDP unit holds both the fp32 fake-quantized experts and bf16 "
+                           f"weights ({exc}); add {EXPERTS_CLS} to fsdp_transformer_layer_cls_to_wrap (e.g. "
+                           f"\"DeepseekV3DecoderLayer,{EXPERTS_CLS}\"), as examples/fsdp.yaml does") from None
+    return student, teacher
+
+
+def local(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(this rank's rows, index of its first row)``; the tensor itself and 0 when not sharded."""
+    if not isinstance(t, DTensor):
+        return t, 0
+    from torch.distributed.tensor import Shard
+
+    if not all(isinstance(p, Shard) and p.dim == 0 for p in t.placements):
+        raise K2QuantError(f"parameter of shape {tuple(t.shape)} sharded as {t.placements}; k2quant qat expects "
+                           f"FSDP2's row sharding (Shard(0))")
+    loc = t.to_local()
+    rank = t.device_mesh.get_local_rank()
+    chunk = -(-t.shape[0] // t.device_mesh.size())  # torch.chunk's rows per rank
+    return loc, min(rank * chunk, t.shape[0])
+
+
+def local_codes(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{module[.rows]: int8 codes}`` of the targeted weights this rank holds (all of them when not sharded)."""
+    out = {}
+    with torch.no_grad():
+        for h in qat.holders(model):
+            module = model.get_submodule(h.name)
+            kern = qscheme.kernels(h.scheme)
+            if not h.experts:
+                w, first = local(module.weight)
+                if w.numel():
+                    out[f"{h.name}@{first}"] = kern.quantize_weight(w.detach(), h.scheme)[0]
+                continue
+            for param, experts in h.experts.items():
+                w, first = local(getattr(module, param))
+                for e in experts:
+                    if first <= e < first + w.shape[0]:
+                        out[f"{h.name}.{e}.{param}"] = kern.quantize_weight(w[e - first].detach(), h.scheme)[0]
+    return out
+
+
+def flip_rate(accelerator, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    """Share of all ranks' targeted codes that changed between two ``local_codes`` snapshots."""
+    n = torch.tensor([sum(int((before[k] != after[k]).sum()) for k in after if k in before),
+                      sum(after[k].numel() for k in after if k in before)], dtype=torch.float64)
+    if accelerator.num_processes > 1:
+        n = accelerator.reduce(n.to(accelerator.device), "sum").cpu()
+    return float(n[0] / n[1]) if n[1] else 0.0
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A scalar or tensor result that may be a DTensor (e.g. clip_grad_norm_'s total norm), made whole."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def trainer_file(state_dir: Path, rank: int, world: int, base: str) -> Path:
+    return state_dir / (base if world == 1 else base.replace(".pt", f".rank{rank}-of-{world}.pt"))
+
+
+def to_local_tree(obj):
+    """``obj`` with every DTensor replaced by its local shard (what a rank saves)."""
+    if isinstance(obj, DTensor):
+        return obj.to_local().clone()
+    if isinstance(obj, dict):
+        return {k: to_local_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_local_tree(v) for v in obj)
+    return obj
+
+
+def optimizer_state_to_dtensor(opt: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict`` of a per-rank state: local shards back into DTensors shaped like their params."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not isinstance(p, DTensor):
+                continue
+            st = opt.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.to_local().shape and v.dim():
+                    st[k] = DTensor.from_local(v.to(p.to_local().device), p.device_mesh, p.placements,
+                                               run_check=False, shape=p.shape, stride=p.stride())
