@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import click
 from rich.console import Console
@@ -70,8 +71,9 @@ def train(src, data, eval_data, out, train_, targets, ignore, resume, **opts) ->
     cfg = qat_run.QatConfig(src=str(src), data=list(data), out=str(out), train=train_, targets=_csv(targets),
                             ignore=_csv(ignore), eval_data=list(eval_data) or None, **opts)
     console = Console(stderr=True)
+    main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun only rank 0 reports
     with Progress(TextColumn("[bold]qat"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeRemainingColumn(), console=console) as bar:
+                  TimeRemainingColumn(), console=console, disable=not main) as bar:
         task = bar.add_task("qat", total=cfg.steps, info="loading")
 
         def progress(rec: dict) -> None:
@@ -80,7 +82,8 @@ def train(src, data, eval_data, out, train_, targets, ignore, resume, **opts) ->
                        f"lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s{flips}")
 
         report = qat_run.run(cfg, resume=resume, progress=progress)
-    _render(Console(), report)
+    if main:
+        _render(Console(), report)
 
 
 def _render(console: Console, report: qat_run.QatReport) -> None:

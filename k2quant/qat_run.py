@@ -444,7 +444,9 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
     step = _load_state(Path(resume), student, masters, opt, sched, accelerator) if resume is not None else 0
     counter = ExpertCounter(model)
     last_codes = qat_dist.local_codes(model) if cfg.log_every else {}
-    logf = open(cfg.json_log, "a" if resume is not None else "w") if cfg.json_log else None
+    main = accelerator.is_main_process  # logs once, for all processes
+    logf = open(cfg.json_log, "a" if resume is not None else "w") if cfg.json_log and main else None
+    progress = progress if main else None
     try:
         while step < cfg.steps and (cfg.stop_after is None or step < cfg.stop_after):
             rec = train_step(cfg, accelerator, student, teacher, masters, opt, sched, train_seqs, step)

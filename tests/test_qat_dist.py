@@ -73,7 +73,7 @@ def runs(work):
     torch.set_num_threads(1)
     single: list[dict] = []
     qat_run.run(_cfg(root, src, "single"), progress=single.append)
-    fsdp = _torchrun(_cfg(root, src, "fsdp"), "fsdp")
+    fsdp = _torchrun(_cfg(root, src, "fsdp", json_log=str(root / "fsdp.jsonl")), "fsdp")
     return single, fsdp
 
 
@@ -86,6 +86,7 @@ def test_fsdp_trains_what_one_process_trains(work, runs):
     root, src = work
     single, fsdp = runs
     assert [r["step"] for r in fsdp] == [1, 2, 3, 4]
+    assert [json.loads(x)["step"] for x in (root / "fsdp.jsonl").read_text().splitlines()] == [1, 2, 3, 4]  # once
     # step 1: same weights, same global batch: loss and gradient norm agree to float noise; a rank training
     # on the whole batch, or gradients summed instead of averaged, would be far off
     assert fsdp[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-5)
