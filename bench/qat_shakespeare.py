@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from k2quant import data, qat, qat_data, qat_run
+from k2quant import data, qat, qat_data, qat_io, qat_run
 from k2quant.formats import convert, load, plan, tiny
 
 MODEL = dict(vocab_size=2048, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
@@ -93,7 +93,7 @@ def pretrain(a: argparse.Namespace, out: Path, train_dir: Path) -> tuple[Path, d
           for k, v in model.state_dict().items()}
     dst = out / "bf16"
     shutil.rmtree(dst, ignore_errors=True)
-    tiny.write_checkpoint(dst, qat_run.per_expert_state_dict(sd), cfg, num_shards=1, move_scale=False)
+    tiny.write_checkpoint(dst, qat_io.per_expert_state_dict(sd), cfg, num_shards=1, move_scale=False)
     for f in tok_dir.iterdir():
         shutil.copy2(f, dst / f.name)
     return dst, {"steps": a.pretrain_steps, "seconds": round(time.perf_counter() - t0, 1),

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from k2quant import qat_run
+from k2quant import qat_io, qat_run
 from k2quant.errors import K2QuantError
 
 
@@ -62,7 +62,7 @@ def _csv(value: str | None) -> list[str] | None:
 def train(src, data, eval_data, out, train_, targets, ignore, resume, **opts) -> None:
     """Train SRC (bf16, fp8 or int4) with fake-quant experts and export INT4 to OUT."""
     if resume:
-        saved, _ = qat_run.read_run(resume)
+        saved, _ = qat_io.read_run(resume)
         src, data, out = src or saved.src, data or saved.data, out or saved.out
         eval_data = eval_data or saved.eval_data
     missing = [f"--{n}" for n, v in (("data", data), ("out", out)) if not v] + ([] if src else ["SRC"])
@@ -98,5 +98,5 @@ def _render(console: Console, report: qat_run.QatReport) -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 def export(state: str, out: str) -> None:
     """Write the INT4 checkpoint of a qat STATE directory into OUT (through the convert writer)."""
-    report = qat_run.export(state, out)
+    report = qat_io.export(state, out)
     Console().print(f"exported {report.tensors_out} tensors, {report.bytes_out / 1e6:.1f} MB -> {report.dst}")

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from helpers import ct_int4_decompress
-from k2quant import data, qat_run
+from k2quant import data, qat_io, qat_run
 from k2quant.errors import K2QuantError
 from k2quant.formats import tiny
 from k2quant.quant import int4_group
@@ -99,8 +99,8 @@ def test_fsdp_trains_what_one_process_trains(work, runs):
     assert fsdp[0]["flip_rate"] == pytest.approx(single[0]["flip_rate"], abs=2e-3) and fsdp[0]["flip_rate"] > 0
     cfg = _cfg(root, src, "single")
     init = {k: v.detach() for k, v in qat_run.build_models(cfg, cfg.scheme())[0].state_dict().items()}
-    a = load_file(str(root / "single" / "state" / qat_run.MODEL_FILE))
-    b = load_file(str(root / "fsdp" / "state" / qat_run.MODEL_FILE))
+    a = load_file(str(root / "single" / "state" / qat_io.MODEL_FILE))
+    b = load_file(str(root / "fsdp" / "state" / qat_io.MODEL_FILE))
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
     for k in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.2.mlp.experts.down_proj",
               "model.layers.1.self_attn.q_b_proj.weight", "lm_head.weight"):
@@ -111,7 +111,7 @@ def test_fsdp_export_equals_fake_quant_of_final_weights(work, runs):
     root, src = work
     out = root / "fsdp"
     scheme = _cfg(root, src, "fsdp").scheme()
-    sd = load_file(str(out / "state" / qat_run.MODEL_FILE))
+    sd = load_file(str(out / "state" / qat_io.MODEL_FILE))
     idx = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     n = mismatches = 0
     for li in (1, 2):
@@ -140,8 +140,8 @@ def test_fsdp_resume_continues_to_the_same_bits(work, runs):
     resumed = _torchrun(_cfg(root, src, "fsdp-stopped"), "fsdp", resume=state)
     assert [r["step"] for r in resumed] == [3, 4]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in fsdp[2:]]
-    a = load_file(str(root / "fsdp" / "state" / qat_run.MODEL_FILE))
-    b = load_file(str(state / qat_run.MODEL_FILE))
+    a = load_file(str(root / "fsdp" / "state" / qat_io.MODEL_FILE))
+    b = load_file(str(state / qat_io.MODEL_FILE))
     assert all(torch.equal(a[k], b[k]) for k in a)
     for r in (0, 1):
         ta = torch.load(root / "fsdp" / "state" / f"trainer.rank{r}-of-2.pt", weights_only=False)

@@ -15,7 +15,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from k2quant import cli_qat, data, qat, qat_data, qat_run
+from k2quant import cli_qat, data, qat, qat_data, qat_io, qat_run
 from k2quant.errors import FormatError, K2QuantError, OutputError
 from k2quant.formats import load, tiny
 from k2quant.quant import int4_group
@@ -71,7 +71,7 @@ def _ct_decompress(path: Path, module: str, group_size: int = 32) -> torch.Tenso
 
 def _student_from_state(cfg: qat_run.QatConfig, state: Path):
     student, _ = qat_run.build_models(cfg, cfg.scheme())
-    student.load_state_dict(load_file(str(state / qat_run.MODEL_FILE)))
+    student.load_state_dict(load_file(str(state / qat_io.MODEL_FILE)))
     return student.eval()
 
 
@@ -92,7 +92,7 @@ def test_run_logs_every_step(trained):
 def test_export_equals_fake_quant_of_final_weights(trained):
     cfg, report, _ = trained
     out = Path(cfg.out)
-    sd = load_file(str(out / qat_run.STATE / qat_run.MODEL_FILE))
+    sd = load_file(str(out / qat_io.STATE / qat_io.MODEL_FILE))
     scheme = cfg.scheme()
     assert scheme.scale_rule == "kimi"
     n = mismatches = 0
@@ -112,7 +112,7 @@ def test_export_equals_fake_quant_of_final_weights(trained):
 def test_exported_model_logits_equal_fake_quant_model(trained):
     cfg, _, _ = trained
     out = Path(cfg.out)
-    student = _student_from_state(cfg, out / qat_run.STATE)
+    student = _student_from_state(cfg, out / qat_io.STATE)
     served = load.load_model(out)
     ids = torch.randint(3, 1024, (2, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -137,11 +137,11 @@ def test_resume_gives_the_same_final_weights(work, trained):
     second = qat_run.run(_cfg(root, src, "stopped", save_every=3), resume=root / "stopped" / "state", progress=recs.append)
     assert second.steps_done == 6 and [r["step"] for r in recs] == [4, 5, 6]
     assert [r["loss"] for r in recs] == [r["loss"] for r in full_recs[3:]]
-    a = load_file(str(Path(full_cfg.out) / "state" / qat_run.MODEL_FILE))
-    b = load_file(str(root / "stopped" / "state" / qat_run.MODEL_FILE))
+    a = load_file(str(Path(full_cfg.out) / "state" / qat_io.MODEL_FILE))
+    b = load_file(str(root / "stopped" / "state" / qat_io.MODEL_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ta = torch.load(Path(full_cfg.out) / "state" / qat_run.TRAINER_FILE, weights_only=False)
-    tb = torch.load(root / "stopped" / "state" / qat_run.TRAINER_FILE, weights_only=False)
+    ta = torch.load(Path(full_cfg.out) / "state" / qat_io.TRAINER_FILE, weights_only=False)
+    tb = torch.load(root / "stopped" / "state" / qat_io.TRAINER_FILE, weights_only=False)
     assert all(torch.equal(ta["masters"][k], tb["masters"][k]) for k in ta["masters"])
 
 
@@ -173,7 +173,7 @@ def test_int4_source_step0_reproduces_codes_and_scales(work):
     root, _ = work
     src = _int4_source(root, "int4-kimi", "kimi")
     cfg = _cfg(root, src, "unused")
-    audit = qat_run.audit_int4(src, cfg.scheme())
+    audit = qat_io.audit_int4(src, cfg.scheme())
     assert audit["tensors"] == 48 and audit["kimi"] == {"codes": 1.0, "scales": 1.0}
     student, _ = qat_run.build_models(cfg, cfg.scheme())
     stored = load_file(str(next(src.glob("*00001*.safetensors")))) | {
@@ -188,7 +188,7 @@ def test_int4_source_step0_reproduces_codes_and_scales(work):
 def test_library_rule_int4_source_is_refused_without_requantize(work):
     root, _ = work
     src = _int4_source(root, "int4-lib", "library")
-    audit = qat_run.audit_int4(src, qscheme.get("int4-g32"))
+    audit = qat_io.audit_int4(src, qscheme.get("int4-g32"))
     assert audit["library"]["scales"] < 1.0 and audit["kimi"]["scales"] < 1.0  # amax/7.5 is not idempotent
     with pytest.raises(K2QuantError) as exc:
         qat_run.run(_cfg(root, src, "lib-out"))
