@@ -46,6 +46,9 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--group-size", type=int, default=32, show_default=True)
 @click.option("--targets", help="Comma-separated targets (default: routed experts, as convert).")
 @click.option("--ignore", help="Comma-separated ignore list (default: Kimi's).")
+@click.option("--teacher-topk", type=int, default=0, show_default=True,
+              help="KL to the teacher's top-k log-probs, computed before training so the teacher model is freed "
+                   "(0: the whole teacher runs in each step).")
 @click.option("--train", "train_", type=click.Choice(qat_run.TRAIN), default="all", show_default=True)
 @click.option("--warmup", type=float, default=0.1, show_default=True, help="Share of steps.")
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clip (0: off).")

@@ -36,10 +36,12 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def distribute(accelerator, student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Student and teacher placed (and sharded) as the accelerate config says; wrappers already applied."""
+def distribute(accelerator, student: nn.Module | None, teacher: nn.Module | None):
+    """``(student, teacher)`` placed (and sharded) as the accelerate config says; fake-quant wrappers
+    already applied. Either may be None (not there)."""
     if not is_fsdp(accelerator):
-        return accelerator.prepare_model(student), teacher.to(accelerator.device)
+        return (accelerator.prepare_model(student) if student is not None else None,
+                teacher.to(accelerator.device) if teacher is not None else None)
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
     plugin = accelerator.state.fsdp_plugin
@@ -53,9 +55,8 @@ def distribute(accelerator, student: nn.Module, teacher: nn.Module) -> tuple[nn.
                            f"trained) and FSDP's cast would quantize bf16-rounded masters instead: set "
                            f"mixed_precision: \"no\"")
     try:
-        # the teacher first: the student's wrapped forwards must see the same auto-wrap policy
-        teacher = fsdp2_prepare_model(accelerator, teacher)
-        student = fsdp2_prepare_model(accelerator, student)
+        teacher = fsdp2_prepare_model(accelerator, teacher) if teacher is not None else None
+        student = fsdp2_prepare_model(accelerator, student) if student is not None else None
     except AssertionError as exc:
         if "uniform original parameter dtype" not in str(exc):
             raise

@@ -35,7 +35,7 @@ STATE = "state"
 MODEL_FILE, TRAINER_FILE, RUN_FILE = "model.safetensors", "trainer.pt", "run.json"
 #: settings that decide the trained weights: a resume must use the same ones
 RESULT_FIELDS = ("src", "data", "steps", "lr", "seq_len", "batch_size", "loss", "scale_rule", "group_size", "targets",
-                 "ignore", "train", "warmup", "min_lr_ratio", "clip", "seed", "eval_fraction", "fake_quant")
+                 "ignore", "train", "warmup", "min_lr_ratio", "clip", "seed", "eval_fraction", "fake_quant", "teacher_topk")
 
 
 def audit_int4(path: str | Path, scheme: QuantScheme) -> dict:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
+import hashlib
 import json
 import logging
 import math
@@ -65,6 +67,7 @@ class QatConfig:
     seed: int = 0
     tokenizer: str | None = None
     fake_quant: bool = True  # False: the same run without fake quant (for measurements)
+    teacher_topk: int = 0  # >0: the teacher's top-k log-probs computed up front, the teacher model freed
     requantize: bool = False  # accept an INT4 source whose codes the scale rule does not reproduce
     stop_after: int | None = None  # stop (after saving) at this step, as a crash would
     export: bool = True
@@ -87,11 +90,19 @@ class QatReport:
 
 
 # -- model ---------------------------------------------------------------------------------------
-def build_models(cfg: QatConfig, scheme: QuantScheme) -> tuple[nn.Module, nn.Module]:
-    """``(student, teacher)``: the source as loaded (teacher, frozen bf16) and a prepared copy."""
+def load_teacher(cfg: QatConfig) -> nn.Module:
+    """The source as loaded: frozen, bf16."""
     teacher = load.load_model(cfg.src, dtype=torch.bfloat16)
     teacher.requires_grad_(False)
-    student = copy.deepcopy(teacher)
+    return teacher
+
+
+def build_models(cfg: QatConfig, scheme: QuantScheme, with_teacher: bool = True) -> tuple[nn.Module, nn.Module | None]:
+    """``(student, teacher)``: the source as loaded (teacher, frozen bf16) and a prepared copy
+    (``teacher`` None when ``with_teacher`` is False: the student alone, loaded once)."""
+    teacher = load_teacher(cfg)
+    student = copy.deepcopy(teacher) if with_teacher else teacher
+    teacher = teacher if with_teacher else None
     holders = qat.prepare(student, scheme)
     if not holders:
         raise K2QuantError(f"{cfg.src}: no weight matches the targets {list(scheme.targets)} minus ignore "
@@ -181,12 +192,50 @@ def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def losses(cfg: QatConfig, student: nn.Module, teacher: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The training loss and its parts (``kl``, ``ce``) for one batch ``[B, T]``."""
+class TopkTeacher:
+    """The teacher's top-k log-probs of every batch a run will use, computed before training, so that
+    no teacher model stays in memory while the student trains (``--teacher-topk K``).
+
+    KL over the teacher's top k tokens: ``sum_k p_t(k) (log p_t(k) - log p_s(k))`` with the teacher's
+    full-vocabulary log-probs; with k = vocabulary size it is the full KL. Batches are found by their
+    token ids."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.store: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _key(ids: torch.Tensor) -> bytes:
+        return hashlib.sha1(ids.detach().cpu().numpy().tobytes() + bytes(str(tuple(ids.shape)), "ascii")).digest()
+
+    @torch.no_grad()
+    def add(self, teacher: nn.Module, ids: torch.Tensor) -> None:
+        logp = F.log_softmax(teacher(ids).logits.float(), dim=-1)  # [B, T, V]
+        v, i = logp.topk(min(self.k, logp.shape[-1]), dim=-1)  # [B, T, k]
+        self.store[self._key(ids)] = (v.cpu(), i.to(torch.int32).cpu())
+
+    def kl(self, student_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        hit = self.store.get(self._key(ids))
+        if hit is None:
+            raise K2QuantError("internal: a batch reached the loss without cached teacher log-probs")
+        lt, idx = (t.to(student_logits.device) for t in hit)
+        ls = F.log_softmax(student_logits.float(), dim=-1).gather(-1, idx.long())
+        return (lt.exp() * (lt - ls)).sum(-1).mean()
+
+
+def teacher_kl(teacher, student_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    if isinstance(teacher, TopkTeacher):
+        return teacher.kl(student_logits, ids)
     with torch.no_grad():
         t_logits = teacher(ids).logits
+    return kl_to_teacher(student_logits, t_logits)
+
+
+def losses(cfg: QatConfig, student: nn.Module, teacher, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The training loss and its parts (``kl``, ``ce``) for one batch ``[B, T]``; ``teacher`` a model or a
+    ``TopkTeacher``."""
     logits = student(ids).logits
-    kl, ce = kl_to_teacher(logits, t_logits), next_token_ce(logits, ids)
+    kl, ce = teacher_kl(teacher, logits, ids), next_token_ce(logits, ids)
     total = {"kl": kl, "ce": ce, "ce+kl": ce + kl}[cfg.loss]
     return total, {"kl": kl.item(), "ce": ce.item()}
 
@@ -203,7 +252,7 @@ def evaluate(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, batch_s
             break
         ids = seqs[i:i + batch_size]
         logits = student(ids).logits
-        kls.append(float(kl_to_teacher(logits, teacher(ids).logits)))
+        kls.append(float(teacher_kl(teacher, logits, ids)))
         ces.append(float(next_token_ce(logits, ids)))
     student.train(was)
     if not ces:
@@ -283,8 +332,11 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
     if cfg.batch_size % accelerator.num_processes:
         raise K2QuantError(f"--batch-size {cfg.batch_size} does not split over {accelerator.num_processes} "
                            f"processes; use a multiple of {accelerator.num_processes}")
-    student, teacher = build_models(cfg, scheme)  # wrappers go on before any sharding
-    student, teacher = qat_dist.distribute(accelerator, student, teacher)
+    first = qat_io.read_run(resume)[1] if resume is not None else 0
+    teacher = _topk_teacher(cfg, accelerator, train_seqs, held, first) if cfg.teacher_topk > 0 else None
+    student, model_teacher = build_models(cfg, scheme, with_teacher=teacher is None)  # wrappers before sharding
+    student, model_teacher = qat_dist.distribute(accelerator, student, model_teacher)
+    teacher = teacher or model_teacher
     model = accelerator.unwrap_model(student)  # names without a DDP prefix; FSDP2 shards in place
     masters = Masters(model)
     opt = torch.optim.AdamW(masters.masters, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -324,12 +376,32 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
                      cfg.scale_rule, audit, result, exported)
 
 
-def train_step(cfg: QatConfig, accelerator, student: nn.Module, teacher: nn.Module, masters: Masters,
+def _rank_batch(cfg: QatConfig, accelerator, seqs: torch.Tensor, step: int) -> torch.Tensor:
+    ids = seqs[batch_indices(len(seqs), cfg.batch_size, step, cfg.seed)]  # [B, T], the global batch
+    return ids[accelerator.process_index::accelerator.num_processes].to(accelerator.device)  # this rank's share
+
+
+def _topk_teacher(cfg: QatConfig, accelerator, seqs: torch.Tensor, held: torch.Tensor, first: int) -> TopkTeacher:
+    """Run the teacher once over this rank's share of steps ``first..steps`` and the evaluation batches,
+    keep their top-k log-probs, and free the teacher."""
+    teacher = qat_dist.distribute(accelerator, None, load_teacher(cfg))[1]
+    cache = TopkTeacher(cfg.teacher_topk)
+    for step in range(first, cfg.steps):
+        cache.add(teacher, _rank_batch(cfg, accelerator, seqs, step))
+    for b, i in enumerate(range(0, len(held), cfg.batch_size)):
+        if b >= cfg.eval_batches:
+            break
+        cache.add(teacher, held[i:i + cfg.batch_size].to(accelerator.device))
+    del teacher
+    gc.collect()
+    return cache
+
+
+def train_step(cfg: QatConfig, accelerator, student: nn.Module, teacher, masters: Masters,
                opt: torch.optim.Optimizer, sched, seqs: torch.Tensor, step: int) -> dict:
     """One optimizer step on the batch of 0-based ``step``; returns its log record (without flips/experts)."""
     t0 = time.perf_counter()
-    ids = seqs[batch_indices(len(seqs), cfg.batch_size, step, cfg.seed)]  # [B, T], the global batch
-    ids = ids[accelerator.process_index::accelerator.num_processes].to(accelerator.device)  # this rank's share
+    ids = _rank_batch(cfg, accelerator, seqs, step)
     loss, parts = losses(cfg, student, teacher, ids)
     accelerator.backward(loss)  # gradients averaged over ranks: the mean over the global batch
     masters.grads_to_masters()

@@ -320,3 +320,30 @@ def test_gradient_checkpointing_and_train_experts(work):
     assert torch.equal(grads[0], grads[1]) and bool(grads[0].abs().sum() > 0)
     # each token counted once per MoE layer and top-k slot, not again by the recompute
     assert counts[0] == counts[1] and all(sum(c) == 2 * 16 * 2 for c in counts[1].values())
+
+
+def test_topk_teacher_with_the_whole_vocabulary_is_the_teacher(work, trained):
+    """--teacher-topk >= vocabulary caches the teacher's log-probs of every token: the same run as the live teacher,
+    up to float summation order; a small k trains too, and its resume recomputes the cache to the same bits."""
+    root, src = work
+    full_cfg, _, full_recs = trained
+    recs = []
+    qat_run.run(_cfg(root, src, "topk-all", teacher_topk=10**6), progress=recs.append)  # k capped at the vocabulary
+    assert [r["kl"] for r in recs] == pytest.approx([r["kl"] for r in full_recs], rel=1e-4, abs=1e-7)
+    assert [r["ce"] for r in recs] == pytest.approx([r["ce"] for r in full_recs], rel=1e-4)
+    a = load_file(str(Path(full_cfg.out) / "state" / qat_io.MODEL_FILE))
+    b = load_file(str(root / "topk-all" / "state" / qat_io.MODEL_FILE))
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-3
+
+    small: list[dict] = []
+    qat_run.run(_cfg(root, src, "topk8", teacher_topk=8), progress=small.append)
+    # only the top-8 terms of the KL: another loss than the whole one
+    assert all(math.isfinite(r["kl"]) and r["kl"] != f["kl"] for r, f in zip(small, full_recs))
+    qat_run.run(_cfg(root, src, "topk8-stop", teacher_topk=8, stop_after=3, save_every=3))
+    resumed: list[dict] = []
+    qat_run.run(_cfg(root, src, "topk8-stop", teacher_topk=8, save_every=3), resume=root / "topk8-stop" / "state",
+                progress=resumed.append)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in small[3:]]
+    c = load_file(str(root / "topk8" / "state" / qat_io.MODEL_FILE))
+    d = load_file(str(root / "topk8-stop" / "state" / qat_io.MODEL_FILE))
+    assert all(torch.equal(c[k], d[k]) for k in c)
