@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numba
 import torch
 
 from k2quant import data, qat, qat_data, qat_io, qat_run
@@ -44,10 +45,10 @@ def args_() -> argparse.Namespace:
     p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--pretrain-lr", type=float, default=2e-3)
     p.add_argument("--qat-steps", type=int, default=300)
-    p.add_argument("--qat-lr", type=float, default=1e-4)
-    p.add_argument("--qat-batch-size", type=int, default=16)
+    p.add_argument("--qat-lr", type=float, default=3e-5)
+    p.add_argument("--qat-batch-size", type=int, default=64)
     p.add_argument("--qat-train", choices=qat_run.TRAIN, default="experts")
-    p.add_argument("--eval-seqs", type=int, default=64)
+    p.add_argument("--eval-seqs", type=int, default=256)
     p.add_argument("--timing-steps", type=int, default=20)
     p.add_argument("--reuse-pretrained", action="store_true", help="keep OUT/bf16 from an earlier run")
     p.add_argument("--measure-memory", choices=["on", "off"], help=argparse.SUPPRESS)
@@ -206,6 +207,7 @@ def memory_ratio(out: Path) -> dict:
 def main() -> None:
     a = args_()
     torch.set_num_threads(a.threads)
+    numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))  # the fake-quant kernels too
     out = Path(a.out)
     train_dir, held_dir = out / "data" / "train", out / "data" / "heldout"
     if a.measure_memory:
