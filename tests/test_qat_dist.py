@@ -150,6 +150,17 @@ def test_fsdp_resume_continues_to_the_same_bits(work, runs):
         assert all(torch.equal(ta["masters"][k], tb["masters"][k]) for k in ta["masters"])
 
 
+def test_fsdp_with_topk_teacher_is_the_fsdp_run(work, runs):
+    """--teacher-topk >= vocabulary under FSDP: the teacher is sharded alone, run over each rank's share
+    of every batch, and freed; the run matches the live sharded teacher's."""
+    root, src = work
+    _, fsdp = runs
+    topk = _torchrun(_cfg(root, src, "fsdp-topk", teacher_topk=10**6), "fsdp")
+    assert [r["kl"] for r in topk] == pytest.approx([r["kl"] for r in fsdp], rel=1e-4, abs=1e-7)
+    assert [r["loss"] for r in topk] == pytest.approx([r["loss"] for r in fsdp], rel=1e-4)
+    assert (root / "fsdp-topk" / "config.json").is_file()
+
+
 def test_ddp_trains_what_one_process_trains(work, runs):
     root, src = work
     single, _ = runs
