@@ -48,6 +48,7 @@ def args_() -> argparse.Namespace:
     p.add_argument("--qat-lr", type=float, default=3e-5)
     p.add_argument("--qat-batch-size", type=int, default=64)
     p.add_argument("--qat-train", choices=qat_run.TRAIN, default="experts")
+    p.add_argument("--qat-seed", type=int, default=0, help="order of the QAT batches")
     p.add_argument("--eval-seqs", type=int, default=256)
     p.add_argument("--timing-steps", type=int, default=20)
     p.add_argument("--reuse-pretrained", action="store_true", help="keep OUT/bf16 from an earlier run")
@@ -135,7 +136,7 @@ def recovered(res: dict) -> dict:
 def _cfg(a: argparse.Namespace, src: Path, train_dir: Path, held_dir: Path, out: Path, **kw) -> qat_run.QatConfig:
     return qat_run.QatConfig(src=str(src), data=[str(train_dir)], eval_data=[str(held_dir)], out=str(out),
                              steps=a.qat_steps, lr=a.qat_lr, seq_len=a.seq_len, batch_size=a.qat_batch_size, loss="kl",
-                             scale_rule="kimi", train=a.qat_train, **kw)
+                             scale_rule="kimi", train=a.qat_train, seed=a.qat_seed, **kw)
 
 
 def step_times(cfg: qat_run.QatConfig, n: int) -> dict:
@@ -240,7 +241,7 @@ def main() -> None:
     memory = memory_ratio(out)
     results = {"model": MODEL, "pretrain": pre, "qat": {"steps": report.steps_done, "seconds": round(qat_s, 1),
                "lr": a.qat_lr, "seq_len": a.seq_len, "batch_size": a.qat_batch_size, "train": a.qat_train, "loss": "kl",
-               "scale_rule": "kimi", "warmup": 0.1, "schedule": "cosine to 0", "optimizer": "AdamW(0.9, 0.95), wd 0"},
+               "scale_rule": "kimi", "seed": a.qat_seed, "warmup": 0.1, "schedule": "cosine to 0", "optimizer": "AdamW(0.9, 0.95), wd 0"},
                "heldout": {"sequences": len(held), "tokens": held.numel(), **res}, "recovered": recovered(res),
                "step_time": timing, "memory": memory, "wall_s": round(time.perf_counter() - t_all, 1),
                "threads": a.threads, "load_average_at_end": list(os.getloadavg()), "checkpoints": {k: str(v) for k, v in
