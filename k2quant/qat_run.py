@@ -336,7 +336,7 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
     teacher = _topk_teacher(cfg, accelerator, train_seqs, held, first) if cfg.teacher_topk > 0 else None
     student, model_teacher = build_models(cfg, scheme, with_teacher=teacher is None)  # wrappers before sharding
     student, model_teacher = qat_dist.distribute(accelerator, student, model_teacher)
-    teacher = teacher or model_teacher
+    teacher = teacher if teacher is not None else model_teacher
     model = accelerator.unwrap_model(student)  # names without a DDP prefix; FSDP2 shards in place
     masters = Masters(model)
     opt = torch.optim.AdamW(masters.masters, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
