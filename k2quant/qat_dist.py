@@ -1,9 +1,8 @@
 """QAT across processes: accelerate's FSDP2 (or DDP) around the student and teacher, and the per-rank
 pieces of the run state.
 
-Under FSDP2 every parameter is a ``DTensor`` sharded along dim 0 (``torch.chunk`` rows). INT4 groups run
-along the last dim, so the codes of a rank's local rows are exactly those rows' codes: flip rates are
-counted on local shards and summed, never gathered. fp32 masters and optimizer state are sharded like
+Under FSDP2 every parameter is a ``DTensor`` sharded along dim 0 (``torch.chunk`` rows); ``qat.codes``
+visits only a rank's own rows, so flip rates are counted on local shards and summed, never gathered. fp32 masters and optimizer state are sharded like
 their parameters and saved per rank (``trainer.rank{r}-of-{w}.pt``); a resume needs the same number of
 processes. The model itself is saved gathered (one ``model.safetensors``), which export reads.
 
@@ -13,14 +12,11 @@ are fp32 masters and the rest bf16, so the experts need their own unit (``Deepse
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from k2quant import qat
 from k2quant.errors import K2QuantError
-from k2quant.quant import scheme as qscheme
 
 try:
     from torch.distributed.tensor import DTensor
@@ -66,45 +62,10 @@ def distribute(accelerator, student: nn.Module | None, teacher: nn.Module | None
     return student, teacher
 
 
-def local(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(this rank's rows, index of its first row)``; the tensor itself and 0 when not sharded."""
-    if not isinstance(t, DTensor):
-        return t, 0
-    from torch.distributed.tensor import Shard
-
-    if not all(isinstance(p, Shard) and p.dim == 0 for p in t.placements):
-        raise K2QuantError(f"parameter of shape {tuple(t.shape)} sharded as {t.placements}; k2quant qat expects "
-                           f"FSDP2's row sharding (Shard(0))")
-    loc = t.to_local()
-    rank = t.device_mesh.get_local_rank()
-    chunk = -(-t.shape[0] // t.device_mesh.size())  # torch.chunk's rows per rank
-    return loc, min(rank * chunk, t.shape[0])
-
-
-def local_codes(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{module[.rows]: int8 codes}`` of the targeted weights this rank holds (all of them when not sharded)."""
-    out = {}
-    with torch.no_grad():
-        for h in qat.holders(model):
-            module = model.get_submodule(h.name)
-            kern = qscheme.kernels(h.scheme)
-            if not h.experts:
-                w, first = local(module.weight)
-                if w.numel():
-                    out[f"{h.name}@{first}"] = kern.quantize_weight(w.detach(), h.scheme)[0]
-                continue
-            for param, experts in h.experts.items():
-                w, first = local(getattr(module, param))
-                for e in experts:
-                    if first <= e < first + w.shape[0]:
-                        out[f"{h.name}.{e}.{param}"] = kern.quantize_weight(w[e - first].detach(), h.scheme)[0]
-    return out
-
-
 def flip_rate(accelerator, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
-    """Share of all ranks' targeted codes that changed between two ``local_codes`` snapshots."""
-    n = torch.tensor([sum(int((before[k] != after[k]).sum()) for k in after if k in before),
-                      sum(after[k].numel() for k in after if k in before)], dtype=torch.float64)
+    """Share of all processes' targeted codes that changed between two ``qat.codes`` snapshots (each
+    process's snapshot holds only its own rows)."""
+    n = torch.tensor(qat.flip_counts(before, after), dtype=torch.float64)
     if accelerator.num_processes > 1:
         n = accelerator.reduce(n.to(accelerator.device), "sum").cpu()
     return float(n[0] / n[1]) if n[1] else 0.0
@@ -113,10 +74,6 @@ def flip_rate(accelerator, before: dict[str, torch.Tensor], after: dict[str, tor
 def full_value(t: torch.Tensor) -> torch.Tensor:
     """A scalar or tensor result that may be a DTensor (e.g. clip_grad_norm_'s total norm), made whole."""
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def trainer_file(state_dir: Path, rank: int, world: int, base: str) -> Path:
-    return state_dir / (base if world == 1 else base.replace(".pt", f".rank{rank}-of-{world}.pt"))
 
 
 def to_local_tree(obj):

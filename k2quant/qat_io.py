@@ -111,7 +111,7 @@ def save_state(state_dir: Path, cfg: QatConfig, step: int, model_sd: dict[str, t
     accelerator.wait_for_everyone()
     torch.save(qat_dist.to_local_tree({"step": step, "masters": masters.state_dict(), "optimizer": opt.state_dict(),
                                        "scheduler": sched.state_dict(), "rng": _rng_state()}),
-               qat_dist.trainer_file(tmp, rank, world, TRAINER_FILE))
+               trainer_file(tmp, rank, world))
     accelerator.wait_for_everyone()
     if main:
         old = state_dir.with_name(state_dir.name + ".k2q-old")
@@ -145,7 +145,7 @@ def check_resume(saved: QatConfig, cfg: QatConfig, state_dir: str | Path) -> Non
 
 def load_state(state_dir: Path, student: nn.Module, masters: Masters, opt, sched, accelerator) -> int:
     rank, world = accelerator.process_index, accelerator.num_processes
-    trainer = qat_dist.trainer_file(state_dir, rank, world, TRAINER_FILE)
+    trainer = trainer_file(state_dir, rank, world)
     if not trainer.is_file():
         saved = json.loads((state_dir / RUN_FILE).read_text()).get("processes", 1)
         raise K2QuantError(f"{state_dir}: saved by {saved} process(es), resumed with {world}; the optimizer state "
@@ -192,6 +192,11 @@ def per_expert_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             for i, proj in enumerate(projs):
                 out[f"{holder}.{e}.{proj}.weight"] = t[e, i * rows:(i + 1) * rows].contiguous()  # [N, K]
     return out
+
+
+def trainer_file(state_dir: Path, rank: int, world: int) -> Path:
+    """A process's trainer state: ``trainer.pt`` alone, ``trainer.rankR-of-W.pt`` among W processes."""
+    return state_dir / (TRAINER_FILE if world == 1 else TRAINER_FILE.replace(".pt", f".rank{rank}-of-{world}.pt"))
 
 
 def _is_trainer_file(name: str) -> bool:

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -156,13 +156,13 @@ class Masters:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The separate fp32 masters (their local shards under FSDP) by parameter name."""
-        return {n: qat_dist.local(m.detach())[0] for n, p, m in zip(self.names, self.params, self.masters) if m is not p}
+        return {n: qat.local_rows(m.detach())[0] for n, p, m in zip(self.names, self.params, self.masters) if m is not p}
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for n, p, m in zip(self.names, self.params, self.masters):
                 if m is not p:
-                    qat_dist.local(m)[0].copy_(sd[n])  # a rank's own shard under FSDP
+                    qat.local_rows(m)[0].copy_(sd[n])  # a rank's own shard under FSDP
         self.masters_to_params()
 
 
@@ -240,6 +240,14 @@ def losses(cfg: QatConfig, student: nn.Module, teacher, ids: torch.Tensor) -> tu
     return total, {"kl": kl.item(), "ce": ce.item()}
 
 
+def eval_batches(seqs: torch.Tensor, batch_size: int, max_batches: int | None = None) -> Iterator[torch.Tensor]:
+    """The held-out batches ``[b, T]`` that ``evaluate`` scores: the first ``max_batches`` (all when None)."""
+    for b, i in enumerate(range(0, len(seqs), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            return
+        yield seqs[i:i + batch_size]
+
+
 @torch.no_grad()
 def evaluate(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, batch_size: int,
              max_batches: int | None = None) -> dict:
@@ -247,10 +255,7 @@ def evaluate(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, batch_s
     was = student.training
     student.eval()
     kls, ces = [], []
-    for b, i in enumerate(range(0, len(seqs), batch_size)):
-        if max_batches is not None and b >= max_batches:
-            break
-        ids = seqs[i:i + batch_size]
+    for ids in eval_batches(seqs, batch_size, max_batches):
         logits = student(ids).logits
         kls.append(float(teacher_kl(teacher, logits, ids)))
         ces.append(float(next_token_ce(logits, ids)))
@@ -320,8 +325,9 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
     t0 = time.perf_counter()
     scheme = cfg.scheme()
     out = Path(cfg.out)
-    if resume is not None:
-        qat_io.check_resume(qat_io.read_run(resume)[0], cfg, resume)
+    saved, first = qat_io.read_run(resume) if resume is not None else (None, 0)  # first: the step to resume at
+    if saved is not None:
+        qat_io.check_resume(saved, cfg, resume)
     qat_io.prepare_out(out, resume is not None)
     audit = qat_io.check_int4_source(cfg, scheme)
     torch.manual_seed(cfg.seed)
@@ -332,7 +338,6 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
     if cfg.batch_size % accelerator.num_processes:
         raise K2QuantError(f"--batch-size {cfg.batch_size} does not split over {accelerator.num_processes} "
                            f"processes; use a multiple of {accelerator.num_processes}")
-    first = qat_io.read_run(resume)[1] if resume is not None else 0
     teacher = _topk_teacher(cfg, accelerator, train_seqs, held, first) if cfg.teacher_topk > 0 else None
     student, model_teacher = build_models(cfg, scheme, with_teacher=teacher is None)  # wrappers before sharding
     student, model_teacher = qat_dist.distribute(accelerator, student, model_teacher)
@@ -343,7 +348,7 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg))
     step = qat_io.load_state(Path(resume), student, masters, opt, sched, accelerator) if resume is not None else 0
     counter = ExpertCounter(model)
-    last_codes = qat_dist.local_codes(model) if cfg.log_every else {}
+    last_codes = _codes(model) if cfg.log_every else {}
     main = accelerator.is_main_process  # logs once, for all processes
     logf = open(cfg.json_log, "a" if resume is not None else "w") if cfg.json_log and main else None
     progress = progress if main else None
@@ -352,7 +357,7 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
             rec = train_step(cfg, accelerator, student, teacher, masters, opt, sched, train_seqs, step)
             step += 1
             if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps):
-                codes = qat_dist.local_codes(model)
+                codes = _codes(model)
                 rec["flip_rate"] = qat_dist.flip_rate(accelerator, last_codes, codes)
                 last_codes = codes
             rec["expert_tokens"] = counter.take(accelerator)
@@ -376,6 +381,11 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
                      cfg.scale_rule, audit, result, exported)
 
 
+def _codes(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The int8 codes of the targeted weights this process holds."""
+    return {k: q for k, (q, _) in qat.codes(model).items()}
+
+
 def _rank_batch(cfg: QatConfig, accelerator, seqs: torch.Tensor, step: int) -> torch.Tensor:
     ids = seqs[batch_indices(len(seqs), cfg.batch_size, step, cfg.seed)]  # [B, T], the global batch
     return ids[accelerator.process_index::accelerator.num_processes].to(accelerator.device)  # this rank's share
@@ -388,10 +398,8 @@ def _topk_teacher(cfg: QatConfig, accelerator, seqs: torch.Tensor, held: torch.T
     cache = TopkTeacher(cfg.teacher_topk)
     for step in range(first, cfg.steps):
         cache.add(teacher, _rank_batch(cfg, accelerator, seqs, step))
-    for b, i in enumerate(range(0, len(held), cfg.batch_size)):
-        if b >= cfg.eval_batches:
-            break
-        cache.add(teacher, held[i:i + cfg.batch_size].to(accelerator.device))
+    for ids in eval_batches(held, cfg.batch_size, cfg.eval_batches):
+        cache.add(teacher, ids.to(accelerator.device))
     del teacher
     gc.collect()
     return cache

@@ -4,7 +4,7 @@ Imports only ``k2quant.quant`` and torch. ``prepare(model, scheme)`` / ``remove(
 are the convert kernels' own (``quant.<dtype>.fake_quantize``), so export equals the trained forward.
 """
 from k2quant.qat.wrap import Holder, holders, prepare, remove, set_enabled
-from k2quant.qat.weights import codes, fake_quant_weights, flip_rate, targeted
+from k2quant.qat.weights import codes, fake_quant_weights, flip_counts, flip_rate, local_rows, targeted
 
-__all__ = ["Holder", "codes", "fake_quant_weights", "flip_rate", "holders", "prepare", "remove", "set_enabled",
-           "targeted"]
+__all__ = ["Holder", "codes", "fake_quant_weights", "flip_counts", "flip_rate", "holders", "local_rows", "prepare",
+           "remove", "set_enabled", "targeted"]
