@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -45,3 +46,27 @@ def ct_int4_decompress(packed, scale, shape, group_size: int = 32) -> torch.Tens
     return PackedQuantizationCompressor.decompress(
         {"weight_packed": packed, "weight_scale": scale, "weight_shape": shape},
         QuantizationScheme(targets=["Linear"], weights=args))["weight"]
+
+
+QAT_WORDS = ("the king doth wake tonight and all his court is merry with wine while "
+             "cold winds blow over the castle walls where the guards keep watch").split()
+
+
+def words_text(seed: int, n_words: int) -> str:
+    """``n_words`` words drawn (seeded) from a small English vocabulary, one line."""
+    rng = random.Random(seed)
+    return " ".join(rng.choice(QAT_WORDS) for _ in range(n_words)) + "\n"
+
+
+def qat_workdir(root: Path, parts: int) -> tuple[Path, Path]:
+    """``(root, src)``: ``root/data`` holds ``parts`` text files, ``src`` a tiny bf16 K2 checkpoint with a
+    1024-token tokenizer trained on the same vocabulary."""
+    from k2quant import data
+    from k2quant.formats import tiny
+
+    (root / "data").mkdir()
+    for i in range(parts):
+        (root / "data" / f"part{i}.txt").write_text(words_text(i, 900))
+    src = tiny.build(root / "src", "bf16", seed=1)
+    data.train_tokenizer([words_text(9, 3000)], 1024, src)
+    return root, src

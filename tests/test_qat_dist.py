@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -21,30 +20,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import ct_int4_decompress
-from k2quant import data, qat_io, qat_run
+from helpers import ct_int4_decompress, qat_workdir
+from k2quant import qat_io, qat_run
 from k2quant.errors import K2QuantError
-from k2quant.formats import tiny
 from k2quant.quant import int4_group
 
 WORKER = Path(__file__).with_name("qat_dist_worker.py")
-WORDS = "the king doth wake tonight and all his court is merry with wine while cold winds blow".split()
-
-
-def _text(seed: int, n: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n)) + "\n"
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qatdist")
-    (root / "data").mkdir()
-    for i in range(2):
-        (root / "data" / f"part{i}.txt").write_text(_text(i, 900))
-    src = tiny.build(root / "src", "bf16", seed=1)
-    data.train_tokenizer([_text(9, 3000)], 1024, src)
-    return root, src
+    return qat_workdir(tmp_path_factory.mktemp("qatdist"), parts=2)
 
 
 def _cfg(root: Path, src: Path, out: str, **kw) -> qat_run.QatConfig:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 from pathlib import Path
 
@@ -15,31 +14,17 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from k2quant import cli_qat, data, qat, qat_data, qat_io, qat_run
+from helpers import qat_workdir
+from k2quant import cli_qat, qat, qat_data, qat_io, qat_run
 from k2quant.errors import FormatError, K2QuantError, OutputError
 from k2quant.formats import load, tiny
 from k2quant.quant import int4_group
 from k2quant.quant import scheme as qscheme
 
-WORDS = ("the king doth wake tonight and all his court is merry with wine while "
-         "cold winds blow over the castle walls where the guards keep watch").split()
-
-
-def _text(seed: int, n_words: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "\n"
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A tiny bf16 K2 checkpoint with a tokenizer, and a text corpus."""
-    root = tmp_path_factory.mktemp("qatrun")
-    (root / "data").mkdir()
-    for i in range(4):
-        (root / "data" / f"part{i}.txt").write_text(_text(i, 900))
-    src = tiny.build(root / "src", "bf16", seed=1)
-    data.train_tokenizer([_text(9, 3000)], 1024, src)
-    return root, src
+    return qat_workdir(tmp_path_factory.mktemp("qatrun"), parts=4)
 
 
 def _cfg(root: Path, src: Path, out_name: str, **kw) -> qat_run.QatConfig:
