@@ -1,19 +1,22 @@
 # One-command set-up, demo and tests. torch==2.13.0 is installed first: on the project's CPU machines it is
 # a local CPU build; any other torch requirement would pull a multi-GB CUDA build.
+# make venv/demo/test install the locked set (constraints.txt); make test-latest the newest releases.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+LATEST := .venv-latest
 DEMO := demo
+TORCH := torch==2.13.0
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-latest lock bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -36,5 +39,24 @@ test: venv
 	$(BIN)/ruff check k2quant tests bench
 	$(BIN)/python -m pytest -q
 
+# The newest release of every dependency (torch stays at the CPU build, see above), in its own venv, then the
+# suite. Run it before bumping constraints.txt, and whenever an upstream release lands.
+test-latest:
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet --upgrade pip
+	$(LATEST)/bin/pip install --quiet $(TORCH)
+	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST)/bin/pip freeze --exclude-editable | grep -iE '^(transformers|accelerate|compressed-tensors|lm.eval|numba|numpy|safetensors|torch)=='
+	$(LATEST)/bin/ruff check k2quant tests bench
+	$(LATEST)/bin/python -m pytest -q
+
+# After a green test-latest: make its versions the locked set.
+lock:
+	test -x $(LATEST)/bin/pip || { echo "run make test-latest first"; exit 1; }
+	{ sed -n '1,/^# make test-latest with/p' constraints.txt; \
+	  $(LATEST)/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(LATEST) $(DEMO) .pytest_cache

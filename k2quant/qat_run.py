@@ -131,13 +131,22 @@ def _targeted_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 class Masters:
-    """fp32 master copies of the bf16 compute parameters (fp32 parameters are their own master)."""
+    """fp32 master copies of the compute parameters.
 
-    def __init__(self, model: nn.Module):
+    A bf16 parameter gets a separate fp32 master and is rounded to nearest bf16 after each step. A
+    parameter that transformers holds wider in memory than the checkpoint stores it (``grid``: name ->
+    stored dtype, e.g. transformers 5.24's fp32 router over a BF16 tensor on disk) is treated the same
+    way: a separate fp32 master, the parameter kept on the stored dtype's grid, so that the checkpoint
+    written holds exactly what the forward computed with. Other fp32 parameters (the fake-quantized
+    targets) are their own master."""
+
+    def __init__(self, model: nn.Module, grid: dict[str, torch.dtype] | None = None):
+        self.grid = dict(grid or {})
         self.names, self.params, self.masters = [], [], []
         for name, p in model.named_parameters():
             if p.requires_grad:
-                m = p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True)
+                own = p.dtype == torch.float32 and name not in self.grid
+                m = p if own else p.detach().float().clone().requires_grad_(True)
                 self.names.append(name)
                 self.params.append(p)
                 self.masters.append(m)
@@ -150,9 +159,13 @@ class Masters:
 
     def masters_to_params(self) -> None:
         with torch.no_grad():
-            for p, m in zip(self.params, self.masters):
+            for n, p, m in zip(self.names, self.params, self.masters):
                 if m is not p:
-                    p.copy_(m)  # round to nearest bf16
+                    p.copy_(m.to(self.grid.get(n, p.dtype)))  # round to nearest bf16 (or the stored dtype)
+
+    def stored(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A model state dict with the ``grid`` parameters in their stored dtype (exact: they lie on its grid)."""
+        return {k: v.to(self.grid[k]) if k in self.grid else v for k, v in sd.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The separate fp32 masters (their local shards under FSDP) by parameter name."""
@@ -164,6 +177,19 @@ class Masters:
                 if m is not p:
                     qat.local_rows(m)[0].copy_(sd[n])  # a rank's own shard under FSDP
         self.masters_to_params()
+
+
+def stored_grid(src: str, model: nn.Module) -> dict[str, torch.dtype]:
+    """``{parameter: stored dtype}`` for the non-targeted parameters that the model holds in a wider dtype
+    than the checkpoint ``src`` stores them (transformers 5.24+ keeps DeepSeek-V3's BF16 router in fp32)."""
+    stored = load.stored_dtypes(src)
+    targeted = {n for n, _ in _targeted_params(model)}
+    out = {}
+    for name, p in model.named_parameters():
+        want = stored.get(name)
+        if name not in targeted and want is not None and want != p.dtype and want.itemsize < p.dtype.itemsize:
+            out[name] = want
+    return out
 
 
 def schedule(cfg: QatConfig) -> Callable[[int], float]:
@@ -343,7 +369,7 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
     student, model_teacher = qat_dist.distribute(accelerator, student, model_teacher)
     teacher = teacher if teacher is not None else model_teacher
     model = accelerator.unwrap_model(student)  # names without a DDP prefix; FSDP2 shards in place
-    masters = Masters(model)
+    masters = Masters(model, stored_grid(cfg.src, model))
     opt = torch.optim.AdamW(masters.masters, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg))
     step = qat_io.load_state(Path(resume), student, masters, opt, sched, accelerator) if resume is not None else 0
@@ -366,7 +392,7 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
                 counter.take()
             _emit(rec, logf, progress)
             if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or step == cfg.stop_after:
-                model_sd = accelerator.get_state_dict(student)  # gathered (to the main process) when sharded
+                model_sd = masters.stored(accelerator.get_state_dict(student))  # gathered when sharded
                 qat_io.save_state(out / qat_io.STATE, cfg, step, model_sd, masters, opt, sched, tokenizer, accelerator)
     finally:
         if logf:

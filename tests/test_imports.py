@@ -35,7 +35,7 @@ def test_import_direction():
 
 def test_quant_uses_only_torch_and_stdlib():
     for f in (PKG / "quant").rglob("*.py"):
-        # the compiled CPU kernels alone use numba (optional at run time: dispatch falls back to torch)
+        # the compiled CPU kernels alone use numba (a dependency; dispatch falls back to torch if it cannot load)
         allowed = set(sys.stdlib_module_names) | {"torch", "k2quant"} | ({"numba", "numpy"} if f.name == "fast.py" else set())
         for n in imports(f):
             root = n.split(".")[0]

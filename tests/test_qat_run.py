@@ -14,7 +14,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import qat_workdir
+from helpers import qat_workdir, read_all
 from k2quant import cli_qat, qat, qat_data, qat_io, qat_run
 from k2quant.errors import FormatError, K2QuantError, OutputError
 from k2quant.formats import load, tiny
@@ -110,6 +110,23 @@ def test_exported_model_logits_equal_fake_quant_model(trained):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["ignore"] == list(qscheme.KIMI_INT4_IGNORE)
     assert config["model_type"] == "kimi_k2" and (out / "tokenizer.json").is_file()
+
+
+def test_export_keeps_every_unquantized_tensor_in_its_source_dtype(work, trained):
+    """transformers 5.24+ holds the router (``mlp.gate.weight``) in fp32; the checkpoint stores it BF16. QAT
+    keeps it on the BF16 grid, so the export writes BF16 again, holding exactly what the student trained."""
+    cfg, _, _ = trained
+    root, src = work
+    out, src_t = Path(cfg.out), read_all(src)
+    got = read_all(out)
+    plain = [k for k in got if k in src_t and ".experts." not in k]
+    assert len(plain) > 20 and "model.layers.1.mlp.gate.weight" in plain
+    assert {k: got[k].dtype for k in plain} == {k: src_t[k].dtype for k in plain}
+    student = _student_from_state(cfg, out / qat_io.STATE)
+    router = student.get_parameter("model.layers.1.mlp.gate.weight")
+    assert torch.equal(router.to(torch.bfloat16), got["model.layers.1.mlp.gate.weight"])
+    assert torch.equal(router, router.to(torch.bfloat16).to(router.dtype))  # trained on the BF16 grid
+    assert not torch.equal(got["model.layers.1.mlp.gate.weight"], src_t["model.layers.1.mlp.gate.weight"])  # trained
 
 
 def test_resume_gives_the_same_final_weights(work, trained):

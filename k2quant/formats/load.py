@@ -13,6 +13,7 @@ import torch
 
 from k2quant.formats import convert, plan
 from k2quant.formats.checkpoint import Checkpoint
+from k2quant.formats.shards import DTYPES
 
 #: model_type values that load as transformers' DeepseekV3 (Kimi's configs say kimi_k2)
 DEEPSEEK_V3_ALIASES = ("kimi_k2", "deepseek_v3")
@@ -24,6 +25,14 @@ def iter_dequantized(path: str | Path, device: str = "cpu") -> Iterator[tuple[st
     p = plan.make_plan(ckpt, "bf16", None, max_shard_size=1 << 62)
     for item in p.items:
         yield from convert.run_item(item, p.source_format, None, device).items()
+
+
+def stored_dtypes(path: str | Path) -> dict[str, torch.dtype]:
+    """``{name: dtype}`` of every tensor of the checkpoint's BF16 form (quantized weights as BF16), from the
+    headers alone. transformers may hold some of them wider in memory (5.24 keeps DeepSeek-V3's router,
+    ``mlp.gate.weight``, in fp32 whatever dtype the model loads in); this is what they are on disk."""
+    p = plan.make_plan(Checkpoint(path), "bf16", None, max_shard_size=1 << 62)
+    return {e.name: DTYPES[e.dtype] for item in p.items for e in item.entries}
 
 
 def dequantized_state_dict(path: str | Path, out_dtype: torch.dtype | None = None,

@@ -87,5 +87,6 @@ def ops(kernel: str = "auto", device: str = "cpu") -> Ops:
         return REFERENCE
     fast = _fast_ops()
     if fast is None and kernel == "fast":
-        raise SchemeError("--kernel fast needs numba (pip install numba); or use --kernel reference")
+        raise SchemeError("--kernel fast: numba, a k2quant dependency, did not import or compile here (reinstall "
+                          "it: pip install numba); or use --kernel reference (the same bytes, slower)")
     return fast or REFERENCE

@@ -12,7 +12,9 @@ The slow, obviously correct kernels stay the contract: every function here equal
 Shapes and dtypes are the references': ``w`` ``[..., N, K]`` bf16 (hot case), fp16 or fp32; FP8 codes
 float8_e4m3fn with fp32 tile scales ``[..., ceil(N/bn), ceil(K/bk)]``; INT4 packed int32
 ``[..., N, K/8]`` with bf16 scales ``[..., N, K/g]`` (``K % g == 0``, ``g % 8 == 0``).
-numba is optional: without it ``available()`` is False and callers use the reference kernels.
+numba is a dependency of k2quant (pyproject). Should it fail to import or compile anyway (a platform its
+wheels do not cover yet), ``available()`` is False and ``--kernel auto`` uses the reference kernels: the same
+bytes, slower.
 INT4 results are defined for finite inputs only (the reference casts NaN to int8, which is undefined);
 convert rejects NaN/Inf weights before encoding.
 """
@@ -23,7 +25,7 @@ import sys
 
 import torch
 
-try:  # numba is an optional extra: k2quant works without it (reference kernels only)
+try:  # a dependency; guarded so that a broken numba install degrades to the reference kernels
     import numba
     import numpy as np
     from numba.extending import overload
@@ -276,7 +278,8 @@ def available() -> bool:
 
 def _check_cpu(t: torch.Tensor) -> None:
     if numba is None:
-        raise RuntimeError("k2quant.quant.fast needs numba (pip install numba); use the reference kernels")
+        raise RuntimeError("k2quant.quant.fast: numba did not import (reinstall k2quant's dependencies: "
+                           "pip install numba); or use the reference kernels")
     assert t.device.type == "cpu", "fast kernels run on CPU tensors"
 
 
