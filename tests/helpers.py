@@ -61,7 +61,7 @@ def words_text(seed: int, n_words: int) -> str:
 def qat_workdir(root: Path, parts: int) -> tuple[Path, Path]:
     """``(root, src)``: ``root/data`` holds ``parts`` text files, ``src`` a tiny bf16 K2 checkpoint with a
     1024-token tokenizer trained on the same vocabulary."""
-    from k2quant import data
+    from k2quant.eval import data
     from k2quant.formats import tiny
 
     (root / "data").mkdir()

@@ -7,13 +7,13 @@ and no forward pass. ``A`` is the reference: SQNR = 10 log10(sum a^2 / sum (a - 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from k2quant.eval.report import json_number
 from k2quant.errors import FormatError, collect
 from k2quant.formats import convert, layout, plan
 from k2quant.formats.checkpoint import Checkpoint
@@ -48,12 +48,8 @@ class Stats:
                      max(self.max_abs, other.max_abs))
 
     def to_json(self) -> dict:
-        return {k: _finite(v) for k, v in (("numel", self.numel), ("rel_error", self.rel_error),
+        return {k: json_number(v) for k, v in (("numel", self.numel), ("rel_error", self.rel_error),
                                            ("sqnr_db", self.sqnr_db), ("max_abs_error", self.max_abs))}
-
-
-def _finite(v: float) -> float | str:
-    return v if math.isfinite(v) else str(v)  # JSON has no inf: write "inf"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +91,6 @@ class DiffReport:
                            for (layer, cls), s in sorted(self.groups().items(), key=_group_order)],
                 "tensors": [{"name": t.name, "layer": t.layer, "class": t.tensor_class, "shape": list(t.shape)}
                             | t.stats.to_json() for t in self.tensors]}
-
-    def write_json(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
-        return path
 
 
 def _group_order(item: tuple[tuple[int | None, str], Stats]) -> tuple[int, str]:

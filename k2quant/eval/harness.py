@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from k2quant.errors import K2QuantError, collect
+from k2quant.formats import load
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,6 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
                "HF_EVALUATE_OFFLINE": "1", "DISABLE_MULTIPROC": "1"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BACKENDS = ("hf", "vllm", "api")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tiktoken.model")
-
-
 def offline_env() -> None:
     """Set the HF offline variables (an explicit user setting wins)."""
     for key, value in OFFLINE_ENV.items():
@@ -83,22 +81,10 @@ class LoadedModel:
     tokenizer: Any = None
 
 
-def load_tokenizer(path: Path):
-    """The checkpoint's own tokenizer (a checkpoint dir without one cannot be evaluated)."""
-    from transformers import AutoTokenizer
-
-    if not any((path / f).exists() for f in TOKENIZER_FILES):
-        raise K2QuantError(f"{path}: no tokenizer (expected one of {list(TOKENIZER_FILES)}); copy the model's "
-                           f"tokenizer files into the checkpoint directory")
-    return AutoTokenizer.from_pretrained(str(path))
-
-
 def _hf(path: Path, index: int, s: EvalSettings) -> LoadedModel:
     from lm_eval.models.huggingface import HFLM
 
-    from k2quant.formats import load
-
-    tok = load_tokenizer(path)  # first: a missing tokenizer fails before the weights are read
+    tok = load.load_tokenizer(path)  # first: a missing tokenizer fails before the weights are read
     module = load.load_model(path, dtype=DTYPES[s.dtype])
     lm = HFLM(pretrained=module, tokenizer=tok, batch_size=s.batch_size, max_length=s.max_length)
     return LoadedModel(lm, {"pretrained": str(path), "dtype": s.dtype, "loader": "k2quant"}, module, tok)
@@ -151,9 +137,8 @@ def check_inputs(paths: list[Path], s: EvalSettings) -> None:
         if not (p / "config.json").exists():
             problems.append(f"{p}: not a checkpoint directory (no config.json); pass the directory that holds "
                             f"config.json and the *.safetensors shards")
-        elif s.backend != "vllm" and not any((p / f).exists() for f in TOKENIZER_FILES):
-            problems.append(f"{p}: no tokenizer (expected one of {list(TOKENIZER_FILES)}); copy the model's "
-                            f"tokenizer files into the checkpoint directory")
+        elif s.backend != "vllm" and (problem := load.missing_tokenizer(p)) is not None:
+            problems.append(problem)
     if s.backend == "api" and len(s.base_urls) != len(paths):
         problems.append(f"the api backend needs one --base-url per checkpoint (in argument order): got "
                         f"{len(s.base_urls)} for {len(paths)} checkpoints")

@@ -81,12 +81,13 @@ class EvalReport:
 
 def _row_json(r: MetricRow, labels: list[str]) -> dict:
     return {"task": r.task, "metric": r.metric, "higher_is_better": r.higher_is_better, "n": r.n,
-            "baseline": _finite(r.baseline),
-            "candidates": {lab: {k: _finite(v) for k, v in dataclasses.asdict(c).items()}
+            "baseline": json_number(r.baseline),
+            "candidates": {lab: {k: json_number(v) for k, v in dataclasses.asdict(c).items()}
                            for lab, c in zip(labels, r.candidates)}}
 
 
-def _finite(v: float | None) -> float | str | None:
+def json_number(v: float | None) -> float | str | None:
+    """A float for JSON, which has no inf or nan: those are written as the strings "inf", "nan"."""
     return v if v is None or math.isfinite(v) else str(v)
 
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from k2quant.formats.shards import Entry
 
-NAME = "bf16"
-PARTS = ("weight",)
 
 
 def entries(module: str, shape: tuple[int, ...], dtype: str = "BF16") -> list[Entry]:

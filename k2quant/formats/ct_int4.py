@@ -7,8 +7,6 @@ from k2quant.formats.shards import Entry
 from k2quant.quant import int4_group
 from k2quant.quant.scheme import KIMI_INT4_IGNORE, QuantScheme
 
-NAME = "int4"
-PARTS = ("weight_packed", "weight_scale", "weight_shape")
 
 
 def entries(module: str, shape: tuple[int, ...], scheme: QuantScheme) -> list[Entry]:

@@ -11,7 +11,6 @@ from k2quant.formats.shards import Entry
 from k2quant.quant import fp8_block
 from k2quant.quant.scheme import QuantScheme
 
-NAME = "fp8"
 SCALE = "weight_scale_inv"
 CT_SCALE = "weight_scale"
 

@@ -9,6 +9,8 @@ import torch
 from k2quant.formats import layout, plan, shards, source
 from k2quant.formats.checkpoint import Checkpoint
 from k2quant.quant import int4_group
+from k2quant.quant.names import FORMATS, INT4_RULES
+from k2quant.quant.scheme import QuantScheme, for_target
 
 
 @dataclasses.dataclass
@@ -42,7 +44,7 @@ def inspect(path: str | Path, check_rule: int = 16) -> InspectReport:
         c["params"] += m.shape[0] * m.shape[1] if m else infos[0].numel
         c["bytes"] += sum(i.nbytes for i in infos)
         c["dtypes"] = sorted(set(c["dtypes"]) | {i.dtype for i in infos})
-    sizes = {t: plan.make_plan(ckpt, t, plan.target_scheme(t)).dst_bytes for t in plan.TARGETS}
+    sizes = {t: plan.make_plan(ckpt, t, for_target(t)).dst_bytes for t in FORMATS}
     rule = int4_rule(ckpt, src, [m for m in mods.values() if m.rep == source.INT4], check_rule) \
         if src.name == "int4" else None
     return InspectReport(str(ckpt.path), src.name, ckpt.quantization_config, ckpt.config.get("model_type"),
@@ -50,18 +52,24 @@ def inspect(path: str | Path, check_rule: int = 16) -> InspectReport:
                          sizes, rule)
 
 
+def requantized(src: source.SourceFormat, mods: list[source.Module]):
+    """For each stored INT4 module: ``(codes, scales, {rule: (codes, scales)})``, the last what each scale rule
+    computes from the dequantized weights (what a loader gives the model). One pass of both audits below."""
+    for m in mods:
+        q = int4_group.unpack(shards.read_tensor(m.parts["packed"]), m.shape[-1])
+        scale = shards.read_tensor(m.parts["scale"])
+        w = int4_group.dequantize(q, scale, src.scheme, torch.bfloat16)
+        yield q, scale, {rule: int4_group.quantize_weight(w, src.scheme.with_(scale_rule=rule)) for rule in INT4_RULES}
+
+
 def int4_rule(ckpt: Checkpoint, src: source.SourceFormat, mods: list[source.Module], limit: int) -> dict:
     """Which scale rule the stored INT4 scales follow: requantize the dequantized weights with each rule."""
     checked = mods[:limit] if limit > 0 else mods
-    match = {"library": 0, "kimi": 0}
+    match = dict.fromkeys(INT4_RULES, 0)
     minus8 = 0
-    for m in checked:
-        q = int4_group.unpack(shards.read_tensor(m.parts["packed"]), m.shape[1])
-        scale = shards.read_tensor(m.parts["scale"])
-        w = int4_group.dequantize(q, scale, src.scheme, torch.bfloat16)
+    for q, scale, by_rule in requantized(src, checked):
         minus8 += int(bool((q == int4_group.INT4_MIN).any()))
-        for rule in match:
-            q2, s2 = int4_group.quantize_weight(w, src.scheme.with_(scale_rule=rule))
+        for rule, (q2, s2) in by_rule.items():
             match[rule] += int(torch.equal(q2, q) and torch.equal(s2, scale.to(s2.dtype)))
     n = len(checked)
     fits = [r for r, k in match.items() if n and k == n]
@@ -73,3 +81,21 @@ def int4_rule(ckpt: Checkpoint, src: source.SourceFormat, mods: list[source.Modu
         verdict = "kimi" if "kimi" in fits else "unknown"
     return {"rule": verdict, "modules_checked": n, "modules_with_code_-8": minus8,
             "reproduced_by_kimi_rule": match["kimi"], "reproduced_by_library_rule": match["library"]}
+
+
+def audit_int4(path: str | Path | Checkpoint, scheme: QuantScheme) -> dict:
+    """For every INT4 tensor of ``path`` that ``scheme`` targets: the share of its codes and scales that each
+    scale rule reproduces. ``{rule: {"codes": share, "scales": share}, "tensors": n}``."""
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path)
+    src = source.detect(ckpt)
+    mods = [m for m in source.modules(ckpt, src)[0].values() if m.rep == source.INT4 and scheme.matches(m.name)]
+    same = {r: [0, 0] for r in INT4_RULES}  # rule -> [codes equal, scales equal]
+    n_codes = n_scales = 0
+    for q, scale, by_rule in requantized(src, mods):
+        for rule, (q2, s2) in by_rule.items():
+            same[rule][0] += int((q2 == q).sum())
+            same[rule][1] += int((s2 == scale).sum())
+        n_codes, n_scales = n_codes + q.numel(), n_scales + scale.numel()
+    out: dict = {r: {"codes": c / max(1, n_codes), "scales": s / max(1, n_scales)} for r, (c, s) in same.items()}
+    out["tensors"] = len(mods)
+    return out

@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from k2quant.errors import K2QuantError
 from k2quant.formats import convert, plan
 from k2quant.formats.checkpoint import Checkpoint
 from k2quant.formats.shards import DTYPES
@@ -55,6 +56,32 @@ def hf_config(path_or_config: str | Path | dict):
     for key in ("quantization_config", "compression_config", "auto_map", "architectures", "model_type"):
         cfg.pop(key, None)
     return DeepseekV3Config(**cfg)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tiktoken.model")
+
+
+def missing_tokenizer(path: str | Path, fix: str = "") -> str | None:
+    """The message for a checkpoint directory without tokenizer files (None when it has one)."""
+    if any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        return None
+    return (f"{path}: no tokenizer (expected one of {list(TOKENIZER_FILES)}); copy the model's tokenizer files "
+            f"into the checkpoint directory{' ' + fix if fix else ''}")
+
+
+def load_tokenizer(path: str | Path, fix: str = ""):
+    """The tokenizer in checkpoint directory ``path`` (transformers' AutoTokenizer, no remote code).
+    ``fix``: what else the user may do, appended to the message when there is none."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if (problem := missing_tokenizer(path, fix)) is not None:
+        raise K2QuantError(problem)
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise K2QuantError(f"{path}: no loadable tokenizer ({str(exc).splitlines()[0][:200]}); copy the model's "
+                           f"tokenizer files into the checkpoint directory{' ' + fix if fix else ''}") from None
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",

@@ -16,9 +16,7 @@ from k2quant.formats.shards import Entry, TensorInfo
 from k2quant.quant import scheme as qscheme
 from k2quant.quant.scheme import KIMI_INT4_IGNORE, ROUTED_EXPERTS, QuantScheme
 
-TARGETS = ("bf16", "fp8", "int4")
 DEFAULT_MAX_SHARD = 5 * 10**9
-REP = {"bf16": source.PLAIN, "fp8": source.FP8, "int4": source.INT4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,20 +87,6 @@ class Plan:
                                                   "scale_rule": s.scale_rule, "targets": list(s.targets),
                                                   "ignore": list(s.ignore)},
                 "shards": self.shard_names}
-
-
-def target_scheme(target: str, group_size: int | None = None, scale_rule: str | None = None,
-                  targets: list[str] | None = None, ignore: list[str] | None = None) -> QuantScheme | None:
-    """The scheme a ``--to`` target writes with, from its preset plus overrides."""
-    if target not in TARGETS:
-        raise SchemeError(f"unknown target format {target!r}; use one of {list(TARGETS)}")
-    if target == "bf16":
-        return None
-    if target == "fp8":
-        return qscheme.get("fp8-block-128")
-    return qscheme.get("int4-g32", group_size=group_size, scale_rule=scale_rule,
-                       targets=tuple(targets) if targets else None,
-                       ignore=tuple(ignore) if ignore is not None else None)
 
 
 def _dst_rep(mod: source.Module, target: str, scheme: QuantScheme | None) -> str:

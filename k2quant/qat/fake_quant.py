@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from k2quant.quant import scheme as qscheme
+from k2quant.quant import dispatch
 from k2quant.quant.scheme import QuantScheme
 
 
@@ -20,7 +20,7 @@ def weight(w: torch.Tensor, scheme: QuantScheme | None, out_dtype: torch.dtype) 
     with torch.no_grad():
         if scheme is None:  # fake quant switched off: the same matmul on the cast weight
             return w.detach().to(out_dtype)
-        return qscheme.kernels(scheme).fake_quantize(w.detach(), scheme, out_dtype=out_dtype)
+        return dispatch.kernels(scheme).fake_quantize(w.detach(), scheme, out_dtype=out_dtype)
 
 
 class _FakeQuantLinear(torch.autograd.Function):

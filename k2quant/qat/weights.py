@@ -9,7 +9,7 @@ the codes of local rows are exactly those rows' codes: nothing is gathered.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - torch without distributed
 
 from k2quant.errors import K2QuantError
 from k2quant.qat import wrap
-from k2quant.quant import scheme as qscheme
+from k2quant.quant import dispatch
 
 
 def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -58,14 +58,14 @@ def targeted(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, wrap.Holder]
 def fake_quant_weights(model: nn.Module, out_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """``{module: fq(w)}``: the weights a forward with fake quant on multiplies by."""
     with torch.no_grad():
-        return {name: qscheme.kernels(h.scheme).fake_quantize(w.detach(), h.scheme, out_dtype=out_dtype)
+        return {name: dispatch.kernels(h.scheme).fake_quantize(w.detach(), h.scheme, out_dtype=out_dtype)
                 for name, w, h in targeted(model)}
 
 
 def codes(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{module: (int8 codes [N, K], scale [N, K/g])}`` of every targeted weight, as convert would write them."""
     with torch.no_grad():
-        return {name: qscheme.kernels(h.scheme).quantize_weight(w.detach(), h.scheme) for name, w, h in targeted(model)}
+        return {name: dispatch.kernels(h.scheme).quantize_weight(w.detach(), h.scheme) for name, w, h in targeted(model)}
 
 
 def flip_counts(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -74,7 +74,11 @@ def flip_counts(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor])
     return changed, sum(after[k].numel() for k in after if k in before)
 
 
-def flip_rate(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
-    """Share of codes that differ between two ``{module: codes}`` snapshots (0.0 when empty)."""
-    changed, total = flip_counts(before, after)
-    return changed / total if total else 0.0
+def flip_rate(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor],
+              sum_over: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Share of codes that differ between two ``{module: codes}`` snapshots (0.0 when empty). Among several
+    processes each snapshot holds only its own rows: ``sum_over`` sums the counts over them."""
+    n = torch.tensor(flip_counts(before, after), dtype=torch.float64)
+    if sum_over is not None:
+        n = sum_over(n)
+    return float(n[0] / n[1]) if n[1] else 0.0

@@ -12,9 +12,16 @@ import torch
 
 from k2quant.errors import SchemeError
 from k2quant.quant import fp8_block, int4_group
+from k2quant.quant.names import FP8, INT4, KERNELS
 from k2quant.quant.scheme import QuantScheme
 
-KERNELS = ("auto", "fast", "reference")
+#: the reference kernel module of each scheme dtype (one table, no if/elif chains)
+KERNEL_MODULES = {FP8: fp8_block, INT4: int4_group}
+
+
+def kernels(scheme: QuantScheme):
+    """The reference kernel module (``quantize_weight``, ``dequantize``, ``fake_quantize``) of a scheme."""
+    return KERNEL_MODULES[scheme.dtype]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,8 @@ import sys
 
 import torch
 
+from k2quant.quant.names import INT4_RULES as SCALE_RULES
+
 try:  # a dependency; guarded so that a broken numba install degrades to the reference kernels
     import numba
     import numpy as np
@@ -35,7 +37,6 @@ except ImportError:  # pragma: no cover - exercised on installs without numba
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_E4M3_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 AMAX_FLOOR = 1e-4  # fp8_block.AMAX_FLOOR
-SCALE_RULES = ("library", "kimi")
 
 if numba is not None:
     _JIT = dict(nogil=True, cache=True, error_model="numpy")  # no fastmath: IEEE results only
@@ -43,29 +44,29 @@ if numba is not None:
     _F32_FLOOR = np.float32(AMAX_FLOOR)  # torch clamps an fp32 tensor with the scalar cast to fp32
     _BF16_EPS_BITS = np.uint16(0x3C00)  # 2**-7, int4_group's scale for all-zero groups
 
-    def _as_f32(v):  # noqa: ANN001, ANN202 - numba overload target
+    def _as_f32(v):
         """fp32 value of one element given as bits: bf16 (uint16) or fp32 (uint32)."""
 
-    def _as_bf16_f32(v):  # noqa: ANN001, ANN202 - numba overload target
+    def _as_bf16_f32(v):
         """fp32 value of ``bf16(element)``: exact for bf16 bits, RNE for fp32 bits."""
 
-    def _abs_bits(v):  # noqa: ANN001, ANN202 - numba overload target
+    def _abs_bits(v):
         """fp32 bit pattern of ``|element|``: integer order is float order (amax without float max)."""
 
     @overload(_as_f32, jit_options=_JIT)
-    def _as_f32_impl(v):  # noqa: ANN001, ANN202
+    def _as_f32_impl(v):
         if v.bitwidth == 16:
             return lambda v: _f32_of_bf16(v)
         return lambda v: np.uint32(v).view(np.float32)
 
     @overload(_as_bf16_f32, jit_options=_JIT)
-    def _as_bf16_f32_impl(v):  # noqa: ANN001, ANN202
+    def _as_bf16_f32_impl(v):
         if v.bitwidth == 16:
             return lambda v: _f32_of_bf16(v)
         return lambda v: _f32_of_bf16(_bf16_bits(np.uint32(v).view(np.float32)))
 
     @overload(_abs_bits, jit_options=_JIT)
-    def _abs_bits_impl(v):  # noqa: ANN001, ANN202
+    def _abs_bits_impl(v):
         if v.bitwidth == 16:
             return lambda v: np.uint32(np.uint32(v & np.uint16(0x7FFF)) << np.uint32(16))
         return lambda v: np.uint32(v & np.uint32(0x7FFFFFFF))
@@ -113,7 +114,7 @@ if numba is not None:
     # inlined with a constant width, a loop vectorises fully; as a call, or with a runtime width, it
     # runs 4-6x slower (measured). Kernel factories capture only ints/bools, so numba's cache holds.
     @numba.njit(inline="always", **_JIT)
-    def _fp8_tile(w, q, r0, rows, c0, cols):  # noqa: ANN001, ANN202
+    def _fp8_tile(w, q, r0, rows, c0, cols):
         """Quantize one tile in place; returns its scale = max(amax, 1e-4) / 448 (fp32)."""
         m = np.uint32(0)
         for r in range(r0, r0 + rows):
@@ -127,7 +128,7 @@ if numba is not None:
         return s
 
     @numba.njit(parallel=True, **_JIT)
-    def _fp8_luts(scale, e4m3_f32):  # noqa: ANN001, ANN202
+    def _fp8_luts(scale, e4m3_f32):
         """bf16 bits of ``fp32(code) * scale`` for all 256 codes of every tile: [Nt * Kt, 256] uint16."""
         nt, kt = scale.shape
         lut = np.empty((nt * kt, 256), np.uint16)
@@ -138,7 +139,7 @@ if numba is not None:
         return lut
 
     @numba.njit(inline="always", **_JIT)
-    def _fp8_decode_row(q, lut, r, bn, bk, kt, out):  # noqa: ANN001, ANN202
+    def _fp8_decode_row(q, lut, r, bn, bk, kt, out):
         """Row ``r`` of the codes -> bf16 bits in ``out`` through its tiles' tables."""
         k = q.shape[1]
         base = (r // bn) * kt
@@ -162,7 +163,7 @@ if numba is not None:
         return _BF16_EPS_BITS if (s & np.uint16(0x7FFF)) == 0 else s
 
     @numba.njit(inline="always", **_JIT)
-    def _int4_encode_row(x, g, library, packed, scale, codes):  # noqa: ANN001, ANN202
+    def _int4_encode_row(x, g, library, packed, scale, codes):
         """One row: x [K] (bf16 or fp32 bits) -> packed [K/2] bytes (little-endian words), scale [K/g] bits.
 
         ``codes`` [K] uint8 is scratch for the nibbles before they are paired into bytes.
@@ -191,9 +192,9 @@ if numba is not None:
 
 # -- kernels per block / group size (compile-time constants; numba caches each on disk) -------------
 @functools.cache
-def _fp8_quantize_kernel(bn: int, bk: int):  # noqa: ANN202
+def _fp8_quantize_kernel(bn: int, bk: int):
     @numba.njit(parallel=True, **_JIT)
-    def kernel(w, q, scale):  # noqa: ANN001, ANN202
+    def kernel(w, q, scale):
         """w [N, K] (bf16 or fp32 bits) -> q [N, K] E4M3 bits, scale [Nt, Kt] fp32."""
         n, k = w.shape
         nt, kt = scale.shape
@@ -207,9 +208,9 @@ def _fp8_quantize_kernel(bn: int, bk: int):  # noqa: ANN202
 
 
 @functools.cache
-def _fp8_dequantize_kernel(bn: int, bk: int):  # noqa: ANN202
+def _fp8_dequantize_kernel(bn: int, bk: int):
     @numba.njit(parallel=True, **_JIT)
-    def kernel(q, lut, kt, out):  # noqa: ANN001, ANN202
+    def kernel(q, lut, kt, out):
         """q [N, K] E4M3 bits -> out [N, K] bf16 bits through the tables of the [Nt, kt] tiles."""
         for r in numba.prange(q.shape[0]):
             _fp8_decode_row(q, lut, r, bn, bk, kt, out[r])
@@ -217,9 +218,9 @@ def _fp8_dequantize_kernel(bn: int, bk: int):  # noqa: ANN202
 
 
 @functools.cache
-def _int4_quantize_kernel(g: int):  # noqa: ANN202
+def _int4_quantize_kernel(g: int):
     @numba.njit(parallel=True, **_JIT)
-    def kernel(w, library, packed, scale):  # noqa: ANN001, ANN202
+    def kernel(w, library, packed, scale):
         """w [N, K] (bf16 or fp32 bits) -> packed [N, K/2] bytes, scale [N, K/g] bf16 bits."""
         for r in numba.prange(w.shape[0]):
             _int4_encode_row(w[r], g, library, packed[r], scale[r], np.empty(w.shape[1], np.uint8))
@@ -227,9 +228,9 @@ def _int4_quantize_kernel(g: int):  # noqa: ANN202
 
 
 @functools.cache
-def _fp8_to_int4_kernel(bn: int, bk: int, g: int):  # noqa: ANN202
+def _fp8_to_int4_kernel(bn: int, bk: int, g: int):
     @numba.njit(parallel=True, **_JIT)
-    def kernel(q, lut, kt, library, packed, scale):  # noqa: ANN001, ANN202
+    def kernel(q, lut, kt, library, packed, scale):
         """FP8 codes -> bf16 (a row at a time, through the [Nt, kt] tile tables) -> INT4 packed + scales."""
         n, k = q.shape
         for r in numba.prange(n):
@@ -240,9 +241,9 @@ def _fp8_to_int4_kernel(bn: int, bk: int, g: int):  # noqa: ANN202
 
 
 @functools.cache
-def _int4_dequantize_kernel(g: int):  # noqa: ANN202
+def _int4_dequantize_kernel(g: int):
     @numba.njit(parallel=True, **_JIT)
-    def kernel(packed, scale, out):  # noqa: ANN001, ANN202
+    def kernel(packed, scale, out):
         """packed [N, K/2] bytes, scale [N, K/g] bf16 bits -> out [N, K] bf16 bits."""
         n, k = out.shape
         for r in numba.prange(n):
@@ -304,7 +305,7 @@ def _e4m3_table() -> np.ndarray:
     return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8_DTYPE).float().numpy()
 
 
-def _batched(x: torch.Tensor, fn, *rest: torch.Tensor):  # noqa: ANN001, ANN202
+def _batched(x: torch.Tensor, fn, *rest: torch.Tensor):
     """Apply a 2-D kernel wrapper over leading batch dims ``[E, ...]`` (tiles never span them)."""
     outs = [fn(*args) for args in zip(x.reshape(-1, *x.shape[-2:]),
                                       *(t.reshape(-1, *t.shape[-2:]) for t in rest))]
@@ -408,7 +409,7 @@ _SPECIAL = {torch.bfloat16: (torch.uint16, 0x7F80), torch.float16: (torch.uint16
 
 if numba is not None:
     @numba.njit(parallel=True, **_JIT)
-    def _count_special(bits, mask):  # noqa: ANN001, ANN202
+    def _count_special(bits, mask):
         n = 0
         for i in numba.prange(bits.size):
             if (bits[i] & mask) == mask:
@@ -416,7 +417,7 @@ if numba is not None:
         return n
 
     @numba.njit(**_JIT)
-    def _any_special_words(words, mask, low, high):  # noqa: ANN001, ANN202
+    def _any_special_words(words, mask, low, high):
         """SWAR over 64-bit words: does any lane have ``lane & m == m``? (lane-wise has-zero on ``(w & m) ^ m``)."""
         for i in range(words.size):
             y = (words[i] & mask) ^ mask

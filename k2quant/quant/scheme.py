@@ -8,31 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from types import ModuleType
 
 import torch
 
 from k2quant.errors import SchemeError
-
-FP8 = "fp8_e4m3"
-INT4 = "int4"
-
-#: Kimi-K2-Thinking's ignore list, written verbatim into INT4 configs.
-KIMI_INT4_IGNORE: tuple[str, ...] = (
-    "lm_head",
-    "re:.*self_attn.*",
-    "re:.*shared_experts.*",
-    r"re:.*mlp\.(gate|up|gate_up|down)_proj.*",
+from k2quant.quant.names import (  # noqa: F401 - re-exported: the scheme vocabulary lives in names
+    CONVERT_INT4_RULE,
+    FORMATS,
+    FP8,
+    FP8_BLOCK,
+    INT4,
+    INT4_GROUP_SIZE,
+    KIMI_INT4_IGNORE,
+    ROUTED_EXPERTS,
+    SCALE_RULES,
 )
-#: The routed experts, as module names (no ``.weight``).
-ROUTED_EXPERTS = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
-
-SCALE_RULES = {
-    FP8: ("deepseek",),
-    # library: amax/7.5 in bf16, codes [-8, 7] (compressed-tensors 0.20 on CPU)
-    # kimi:    bf16(fp32(amax)/7), codes [-7, 7] (K2-Thinking's convention, idempotent)
-    INT4: ("library", "kimi"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +90,12 @@ def match_any(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
 
 SCHEMES: dict[str, QuantScheme] = {
     "fp8-block-128": QuantScheme(
-        name="fp8-block-128", dtype=FP8, block_size=(128, 128), scale_dtype=torch.float32,
+        name="fp8-block-128", dtype=FP8, block_size=FP8_BLOCK, scale_dtype=torch.float32,
         scale_rule="deepseek", targets=("re:.*",),
     ),
     "int4-g32": QuantScheme(
-        name="int4-g32", dtype=INT4, block_size=(1, 32), scale_dtype=torch.bfloat16,
-        scale_rule="library", targets=(ROUTED_EXPERTS,), ignore=KIMI_INT4_IGNORE,
+        name="int4-g32", dtype=INT4, block_size=(1, INT4_GROUP_SIZE), scale_dtype=torch.bfloat16,
+        scale_rule=CONVERT_INT4_RULE, targets=(ROUTED_EXPERTS,), ignore=KIMI_INT4_IGNORE,
     ),
 }
 
@@ -121,8 +111,16 @@ def get(name: str, **overrides) -> QuantScheme:
     return scheme.with_(**overrides) if overrides else scheme
 
 
-def kernels(scheme: QuantScheme) -> ModuleType:
-    """The kernel module for a scheme's dtype (one table, no if/elif chains)."""
-    from k2quant.quant import fp8_block, int4_group
-
-    return {FP8: fp8_block, INT4: int4_group}[scheme.dtype]
+def for_target(target: str, group_size: int | None = None, scale_rule: str | None = None,
+               targets: list[str] | tuple[str, ...] | None = None,
+               ignore: list[str] | tuple[str, ...] | None = None) -> QuantScheme | None:
+    """The scheme a ``--to`` target writes with (None for bf16): its preset plus overrides."""
+    if target not in FORMATS:
+        raise SchemeError(f"unknown target format {target!r}; use one of {list(FORMATS)}")
+    if target == "bf16":
+        return None
+    if target == "fp8":
+        return get("fp8-block-128")
+    return get("int4-g32", group_size=group_size, scale_rule=scale_rule,
+               targets=tuple(targets) if targets else None,
+               ignore=tuple(ignore) if ignore is not None else None)

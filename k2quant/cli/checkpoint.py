@@ -1,0 +1,167 @@
+"""``k2quant convert``, ``inspect``, ``verify`` and ``make-tiny``: the checkpoint commands.
+
+Parse options, build a scheme, call one library function, render with rich.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from k2quant.cli.common import console, out
+from k2quant.cli.options import emit_json, human, json_option, name_list, parse_size
+from k2quant.errors import K2QuantError
+from k2quant.quant.names import CONVERT_INT4_RULE, FORMATS, INT4_GROUP_SIZE, INT4_RULES, KERNELS
+
+@click.command()
+@click.argument("src", type=click.Path(file_okay=False, path_type=str))
+@click.argument("dst", type=click.Path(file_okay=False, path_type=str))
+@click.option("--to", "target", required=True, type=click.Choice(FORMATS), help="Target format.")
+@click.option("--group-size", type=int, default=None, help=f"INT4 group size (default {INT4_GROUP_SIZE}).")
+@click.option("--scale-rule", type=click.Choice(INT4_RULES), default=None,
+              help=f"INT4 scales: library = compressed-tensors amax/7.5; kimi = K2-Thinking's amax/7, codes -7..7 "
+                   f"(default {CONVERT_INT4_RULE}).")
+@click.option("--targets", multiple=True, help="INT4 modules to quantize (name or re:regex, re.match). "
+              "Default: the routed experts.")
+@click.option("--ignore", multiple=True, help="INT4 modules to leave BF16. Default: Kimi's four-entry list.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Output shard size.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Output shards converted in parallel.")
+@click.option("--device", default="cpu", show_default=True, help="Where the kernels run (cpu, cuda, cuda:1).")
+@click.option("--kernel", type=click.Choice(KERNELS), default="auto", show_default=True,
+              help="fast = compiled CPU kernels (numba); reference = pure torch (any device). Same bytes.")
+@click.option("--force", is_flag=True, help="Write into a non-empty output directory (clears old k2quant outputs).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run: keep finished shards, redo the rest.")
+@click.option("--rank", type=int, default=None, help="This process's rank when several machines share the work "
+              "(torchrun sets RANK/WORLD_SIZE itself).")
+@click.option("--world-size", type=int, default=None, help="Number of ranks sharing the work.")
+@json_option("conversion summary")
+def convert(src, dst, target, group_size, scale_rule, targets, ignore, max_shard_size, workers, device,
+            kernel, force, resume, rank, world_size, as_json) -> None:
+    """Convert checkpoint SRC into DST in another format (bf16, fp8, int4)."""
+    from k2quant.formats import convert as conv
+    from k2quant.quant.scheme import for_target
+
+    if target != "int4" and (group_size or scale_rule or targets or ignore):
+        raise K2QuantError("--group-size/--scale-rule/--targets/--ignore apply to --to int4 only")
+    scheme = for_target(target, group_size, scale_rule, name_list("--targets", targets),
+                        name_list("--ignore", ignore) if ignore else None)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[items]} modules"),
+               DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    bar = Progress(*columns, console=console, disable=as_json == "-")
+    task = bar.add_task(target, total=None, items=0)
+
+    def on_plan(p) -> None:  # the plan passed every check: start showing progress
+        bar.update(task, total=p.src_bytes, description=f"{p.source_format.name} → {target}")
+        bar.start()
+
+    def progress(n: int, nbytes: int) -> None:
+        bar.update(task, advance=nbytes, items=bar.tasks[task].fields["items"] + n)
+
+    try:
+        report = conv.convert(src, dst, target, scheme, max_shard_size=parse_size(max_shard_size),
+                              workers=workers, force=force, resume=resume, device=device, kernel=kernel,
+                              rank=rank, world_size=world_size, progress=progress, on_plan=on_plan)
+    finally:
+        bar.stop()
+    if emit_json(as_json, report.to_json()):
+        return
+    t = Table(title=f"{report.source_format} → {report.target}: {report.dst}")
+    for col in ("class", "modules", "bytes in", "bytes out"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for cls, c in report.by_class.items():
+        t.add_row(cls, str(c["count"]), human(c["bytes_in"]), human(c["bytes_out"]))
+    t.add_row("[bold]total", str(sum(c["count"] for c in report.by_class.values())), human(report.bytes_in),
+              human(report.bytes_out))
+    out.print(t)
+    rate = report.bytes_in / report.seconds / 1e6 if report.seconds else 0
+    kept = f" ({report.shards_kept} kept from the interrupted run)" if report.shards_kept else ""
+    ranks = f", rank {report.rank} of {report.world_size}" if report.world_size > 1 else ""
+    out.print(f"{report.tensors_in} → {report.tensors_out} tensors, {report.shards} shard(s){kept}, "
+              f"{report.seconds:.2f} s ({rate:.0f} MB/s of source, {report.kernel} kernels{ranks})")
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--check-rule", type=int, default=16, show_default=True,
+              help="INT4: modules to requantize when telling which scale rule the checkpoint follows (0 = all).")
+@json_option("inspect report")
+def inspect(path, check_rule, as_json) -> None:
+    """What checkpoint PATH holds: format, tensor classes, bytes, size in each target format."""
+    from k2quant.formats import inspect as insp
+
+    r = insp.inspect(path, check_rule)
+    if emit_json(as_json, r.to_json()):
+        return
+    out.print(f"[bold]{r.path}[/]: {r.format} ({r.model_type}), {r.tensors} tensors in {r.shards} shard(s), "
+              f"{human(r.stored_bytes)}")
+    if r.int4_rule:
+        k = r.int4_rule
+        out.print(f"INT4 scale rule: [bold]{k['rule']}[/] ({k['reproduced_by_kimi_rule']}/{k['modules_checked']} "
+                  f"modules reproduced by the kimi rule, {k['modules_with_code_-8']} use code -8)")
+    t = Table()
+    for col in ("class", "tensors", "params", "dtypes", "bytes"):
+        t.add_column(col, justify="left" if col in ("class", "dtypes") else "right")
+    for cls, c in r.classes.items():
+        t.add_row(cls, str(c["tensors"]), f"{c['params']:,}", ",".join(c["dtypes"]), human(c["bytes"]))
+    out.print(t)
+    s = Table(title="size in each target format (tensor bytes)")
+    for fmt in r.sizes:
+        s.add_column(fmt, justify="right")
+    s.add_row(*(f"{human(v)} ({v:,})" for v in r.sizes.values()))
+    out.print(s)
+
+
+@click.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.argument("dst", type=click.Path(exists=True, file_okay=False, path_type=str))
+@json_option("verify report")
+def verify(src, dst, as_json) -> None:
+    """Check that DST is a correct conversion of SRC (exit 1 if not)."""
+    from k2quant.formats import verify as ver
+
+    bar = Progress(TextColumn("[bold]verify"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                   console=console, disable=as_json == "-")
+    task = bar.add_task("verify", total=None)
+
+    def on_start(total: int) -> None:
+        bar.update(task, total=total)
+        bar.start()
+
+    try:
+        r = ver.verify(src, dst, progress=lambda n, b: bar.update(task, advance=b), on_start=on_start)
+    finally:
+        bar.stop()
+    if not emit_json(as_json, r.to_json()):
+        c = r.checked
+        out.print(f"[bold]{r.dst}[/] ({r.format}) against {r.src}: {c.get('items', 0)} source items, "
+                  f"{c.get('quantized', 0)} quantized within bounds checked, {c.get('exact', 0)} exact, "
+                  f"{c.get('codes_kept', 0)} kept byte for byte, {c.get('shards_hashed', 0)} shard hashes")
+        if r.max_error:
+            out.print("worst error / allowed bound: " + ", ".join(f"{k} {v:.3f}" for k, v in r.max_error.items()))
+        if r.problems:
+            t = Table(title=f"{len(r.problems)} problem(s)")
+            for col in ("file", "tensor", "problem"):
+                t.add_column(col, overflow="fold")
+            for p in r.problems[:50]:
+                t.add_row(Path(p["file"]).name, p["tensor"], p["problem"])
+            out.print(t)
+        out.print("[bold green]OK[/]" if r.ok else "[bold red]FAILED[/]")
+    if not r.ok:
+        sys.exit(1)
+
+
+@click.command("make-tiny")
+@click.argument("dst", type=click.Path(file_okay=False, path_type=str))
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="fp8", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_tiny(dst, fmt, seed) -> None:
+    """Write the embedded tiny Kimi-K2-architecture checkpoint (random weights) to DST."""
+    from k2quant.formats import tiny
+
+    if Path(dst).exists() and any(Path(dst).iterdir()):
+        raise K2QuantError(f"{dst}: not empty; choose an empty or new directory")
+    tiny.build(dst, fmt, seed=seed)
+    out.print(f"wrote a tiny K2 checkpoint ({fmt}) to {dst}")

@@ -1,0 +1,68 @@
+"""The models of a QAT run: the teacher (the source as loaded, frozen) and the student (a copy with
+fake-quant wrappers on the targeted weights, which are fp32 masters).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from k2quant.errors import K2QuantError
+from k2quant.formats import load
+from k2quant.qat import wrap
+from k2quant.qat.config import QatConfig
+from k2quant.quant.scheme import QuantScheme
+
+
+def load_teacher(cfg: QatConfig) -> nn.Module:
+    """The source as loaded: frozen, bf16."""
+    teacher = load.load_model(cfg.src, dtype=torch.bfloat16)
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def build_models(cfg: QatConfig, scheme: QuantScheme, with_teacher: bool = True) -> tuple[nn.Module, nn.Module | None]:
+    """``(student, teacher)``: the source as loaded (teacher, frozen bf16) and a prepared copy
+    (``teacher`` None when ``with_teacher`` is False: the student alone, loaded once)."""
+    teacher = load_teacher(cfg)
+    student = copy.deepcopy(teacher) if with_teacher else teacher
+    teacher = teacher if with_teacher else None
+    holders = wrap.prepare(student, scheme)
+    if not holders:
+        raise K2QuantError(f"{cfg.src}: no weight matches the targets {list(scheme.targets)} minus ignore "
+                           f"{list(scheme.ignore)}; nothing would be fake-quantized: check --targets/--ignore")
+    for h in holders:  # targeted holders keep fp32 masters; the forward casts through fake quant
+        module = student.get_submodule(h.name)
+        for p in (wrap.EXPERT_PROJ if h.experts else ("weight",)):
+            setattr(module, p, nn.Parameter(getattr(module, p).detach().float()))
+    wrap.set_enabled(student, cfg.fake_quant)
+    trained = {id(p) for _, p in targeted_params(student)} if cfg.train == "experts" else None
+    for p in student.parameters():
+        p.requires_grad_(trained is None or id(p) in trained)
+    if cfg.grad_checkpointing:
+        student.config.use_cache = False
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    return student, teacher
+
+
+def targeted_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    out = []
+    for h in wrap.holders(model):
+        module = model.get_submodule(h.name)
+        out += [(f"{h.name}.{p}", getattr(module, p)) for p in (wrap.EXPERT_PROJ if h.experts else ("weight",))]
+    return out
+
+
+def stored_grid(src: str, model: nn.Module) -> dict[str, torch.dtype]:
+    """``{parameter: stored dtype}`` for the non-targeted parameters that the model holds in a wider dtype
+    than the checkpoint ``src`` stores them (transformers 5.24+ keeps DeepSeek-V3's BF16 router in fp32)."""
+    stored = load.stored_dtypes(src)
+    targeted = {n for n, _ in targeted_params(model)}
+    out = {}
+    for name, p in model.named_parameters():
+        want = stored.get(name)
+        if name not in targeted and want is not None and want != p.dtype and want.itemsize < p.dtype.itemsize:
+            out[name] = want
+    return out

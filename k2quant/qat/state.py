@@ -1,0 +1,143 @@
+"""A QAT run's state directory: save (atomically, per process under FSDP), read back, resume.
+
+``OUT/state`` holds the gathered model (``model.safetensors``: fp32 fake-quantized masters, the rest in
+its stored dtype), config, tokenizer, ``run.json`` (settings and step) and the trainer state (fp32
+masters of the bf16 weights, optimizer, scheduler, RNG): ``trainer.pt``, or one file per process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from k2quant.errors import K2QuantError, OutputError
+from k2quant.formats.checkpoint import CONFIG, Checkpoint
+from k2quant.qat import dist
+from k2quant.qat.config import RESULT_FIELDS, QatConfig
+from k2quant.qat.masters import Masters
+
+STATE = "state"
+MODEL_FILE, TRAINER_FILE, RUN_FILE = "model.safetensors", "trainer.pt", "run.json"
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+
+
+def save_state(state_dir: Path, cfg: QatConfig, ckpt: Checkpoint, step: int, model_sd: dict[str, torch.Tensor], masters: Masters,
+               opt: torch.optim.Optimizer, sched, tokenizer, accelerator) -> None:
+    """Write the whole run state next to ``state_dir`` and swap it in (the old state survives a crash).
+
+    Collective: every process calls it. The main one writes the gathered model, config and tokenizer;
+    each writes its own masters, optimizer state and RNG (shards of them under FSDP)."""
+    tmp = state_dir.with_name(state_dir.name + ".k2q-tmp")
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for p in ckpt.other_files():  # generation config, tokenizer, chat template, ...
+            (tmp / p.relative_to(ckpt.path)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, tmp / p.relative_to(ckpt.path))
+        tokenizer.save_pretrained(str(tmp))
+        save_file({k: v.detach().contiguous() for k, v in model_sd.items()}, str(tmp / MODEL_FILE))
+        cfg_src = {k: v for k, v in ckpt.config.items() if k not in ("quantization_config", "compression_config")}
+        (tmp / CONFIG).write_text(json.dumps(cfg_src, indent=2))
+        (tmp / RUN_FILE).write_text(json.dumps({"config": dataclasses.asdict(cfg), "step": step,
+                                                "processes": world}, indent=2))
+    accelerator.wait_for_everyone()
+    torch.save(dist.to_local_tree({"step": step, "masters": masters.state_dict(), "optimizer": opt.state_dict(),
+                                       "scheduler": sched.state_dict(), "rng": _rng_state()}),
+               trainer_file(tmp, rank, world))
+    accelerator.wait_for_everyone()
+    if main:
+        old = state_dir.with_name(state_dir.name + ".k2q-old")
+        if state_dir.exists():
+            os.replace(state_dir, old)
+        os.replace(tmp, state_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def read_run(state_dir: str | Path) -> tuple[QatConfig, int]:
+    """The config and step saved in a state directory."""
+    p = Path(state_dir) / RUN_FILE
+    if not p.is_file():
+        raise K2QuantError(f"{state_dir}: not a k2quant qat state directory (no {RUN_FILE}); pass the `state` "
+                           f"directory inside a qat --out directory")
+    run = json.loads(p.read_text())
+    return QatConfig(**run["config"]), int(run["step"])
+
+
+def begin(cfg: QatConfig, resume: Path | None) -> None:
+    """Before a run: a resume must use the saved settings; ``cfg.out`` must be empty or hold this run's state."""
+    if resume is not None:
+        check_resume(read_run(resume)[0], cfg, resume)
+    prepare_out(Path(cfg.out), resume is not None)
+
+
+def check_resume(saved: QatConfig, cfg: QatConfig, state_dir: str | Path) -> None:
+    """A resumed run must use the settings that decide the result; name each one that differs."""
+    diff = [f"{f}: saved {getattr(saved, f)!r}, given {getattr(cfg, f)!r}" for f in RESULT_FIELDS
+            if getattr(saved, f) != getattr(cfg, f)]
+    if diff:
+        raise K2QuantError(f"{state_dir}: cannot resume with different settings ({'; '.join(diff)}); "
+                           f"rerun with the saved settings or start a new run")
+
+
+def load_state(state_dir: Path, student: nn.Module, masters: Masters, opt, sched, accelerator) -> int:
+    rank, world = accelerator.process_index, accelerator.num_processes
+    trainer = trainer_file(state_dir, rank, world)
+    if not trainer.is_file():
+        saved = json.loads((state_dir / RUN_FILE).read_text()).get("processes", 1)
+        raise K2QuantError(f"{state_dir}: saved by {saved} process(es), resumed with {world}; the optimizer state "
+                           f"is stored per process: resume with {saved} process(es)")
+    sd = load_file(str(state_dir / MODEL_FILE))
+    if dist.is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(student, sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        accelerator.unwrap_model(student).load_state_dict(sd)
+    tr = torch.load(trainer, weights_only=False)
+    masters.load_state_dict(tr["masters"])
+    opt.load_state_dict(tr["optimizer"])
+    dist.optimizer_state_to_dtensor(opt)
+    sched.load_state_dict(tr["scheduler"])
+    _set_rng_state(tr["rng"])
+    return int(tr["step"])
+
+
+def prepare_out(out: Path, resuming: bool) -> None:
+    """The output may be empty or hold only this run's state and logs (a resume)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory; choose a directory for --out")
+    extra = sorted(p.name for p in out.iterdir() if p.name != STATE and not p.name.startswith(STATE + ".k2q")) \
+        if out.exists() else []
+    if extra and not resuming:
+        raise OutputError(f"{out}: output directory is not empty ({', '.join(extra[:5])}); choose an empty "
+                          f"directory, or pass --resume --out {out} to continue the run in it")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def trainer_file(state_dir: Path, rank: int, world: int) -> Path:
+    """A process's trainer state: ``trainer.pt`` alone, ``trainer.rankR-of-W.pt`` among W processes."""
+    return state_dir / (TRAINER_FILE if world == 1 else TRAINER_FILE.replace(".pt", f".rank{rank}-of-{world}.pt"))
+
+
+def is_trainer_file(name: str) -> bool:
+    stem = TRAINER_FILE.removesuffix(".pt")
+    return name == TRAINER_FILE or (name.startswith(stem + ".rank") and name.endswith(".pt"))
