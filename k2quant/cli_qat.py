@@ -72,7 +72,7 @@ def train(src, data, eval_data, out, train_, targets, ignore, resume, **opts) ->
     if missing:
         raise K2QuantError(f"qat: missing {', '.join(missing)}; usage: k2quant qat SRC --data FILE --out DIR")
     cfg = qat_run.QatConfig(src=str(src), data=list(data), out=str(out), train=train_, targets=_csv(targets),
-                            ignore=_csv(ignore), eval_data=list(eval_data) or None, **opts)
+                            ignore=_csv(ignore), eval_data=list(eval_data or ()) or None, **opts)
     console = Console(stderr=True)
     main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun only rank 0 reports
     with Progress(TextColumn("[bold]qat"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

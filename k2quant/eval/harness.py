@@ -55,6 +55,8 @@ class EvalSettings:
     base_urls: tuple[str, ...] = ()
     measure_tokens: int = 16384
     use_cache: bool = True
+    #: let vllm run Python code shipped inside a checkpoint (``--trust-remote-code``); off unless asked
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -106,7 +108,8 @@ def _hf(path: Path, index: int, s: EvalSettings) -> LoadedModel:
 
 def _vllm(path: Path, index: int, s: EvalSettings) -> LoadedModel:
     args: dict[str, Any] = {"pretrained": str(path), "tokenizer": str(path), "dtype": "auto",
-                            "max_model_len": s.max_length, "add_bos_token": True, "trust_remote_code": True,
+                            "max_model_len": s.max_length, "add_bos_token": True,
+                            "trust_remote_code": s.trust_remote_code,
                             "seed": s.seed, "tensor_parallel_size": 1}
     return LoadedModel("vllm", args | _typed(s.backend_args))
 
