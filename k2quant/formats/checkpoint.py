@@ -6,7 +6,6 @@ shard than its weight.
 """
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path

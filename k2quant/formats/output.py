@@ -9,14 +9,13 @@ import hashlib
 import json
 import os
 import socket
-import stat
 import struct
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
-from k2quant.errors import FormatError, K2QuantError, OutputError, collect
+from k2quant.errors import FormatError, OutputError, collect
 from k2quant.formats import shards
 from k2quant.formats.checkpoint import CONFIG, INDEX, Checkpoint, source_file
 from k2quant.formats.plan import Plan
