@@ -166,6 +166,9 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+MAX_GPUS = 1 << 20
+
+
 def parse_gpus(spec: str, gpu_mem: str | None = None) -> tuple[int, Gpu]:
     """``"8xH200"`` -> ``(8, H200)``; ``--gpu-mem`` overrides the memory (``"8"`` alone needs it)."""
     m = re.fullmatch(r"\s*(\d+)\s*(?:[x×*]\s*([A-Za-z0-9][\w.-]*))?\s*", spec)
@@ -173,6 +176,9 @@ def parse_gpus(spec: str, gpu_mem: str | None = None) -> tuple[int, Gpu]:
         raise K2QuantError(f"--gpus {spec!r}: expected COUNTxNAME, e.g. 8xH200 or 16xH100 "
                            f"(or a count with --gpu-mem, e.g. --gpus 8 --gpu-mem 96GiB)")
     count, name = int(m.group(1)), m.group(2)
+    if count > MAX_GPUS:
+        raise K2QuantError(f"--gpus {spec!r}: {count} GPUs is more than the {MAX_GPUS:,} k2quant plans for; "
+                           f"give the GPU count of one serving instance, e.g. 8xH200")
     if gpu_mem is not None:
         mem = parse_bytes(gpu_mem)
         return count, Gpu(name or "custom", mem, gpu_mem, "--gpu-mem")

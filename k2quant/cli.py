@@ -235,7 +235,11 @@ def make_tiny(dst, fmt, seed) -> None:
 
     if Path(dst).exists() and any(Path(dst).iterdir()):
         raise K2QuantError(f"{dst}: not empty; choose an empty or new directory")
-    tiny.build(dst, fmt, seed=seed)
+    try:
+        tiny.build(dst, fmt, seed=seed)
+    except OSError as exc:
+        raise K2QuantError(f"{dst}: cannot write the tiny checkpoint ({exc.strerror}); choose a writable "
+                           f"directory") from None
     out.print(f"wrote a tiny K2 checkpoint ({fmt}) to {dst}")
 
 

@@ -224,6 +224,9 @@ def diff_cmd(a: Path, b: Path, json_path: Path | None, plot_path: Path | None) -
     """Per-tensor error of checkpoint B against A (any formats), streaming: no model, any size."""
     from k2quant.eval import diff
 
+    for opt, p in (("--json", json_path), ("--plot", plot_path)):
+        if p is not None and p.is_dir():  # before the diff runs, not after
+            raise K2QuantError(f"{opt} {p}: is a directory; give a file path, e.g. {p / ('diff' + ('.json' if opt == '--json' else '.png'))}")
     t0 = time.perf_counter()
     with Console(stderr=True).status("diff") as status:
         rep = diff.diff(a, b, progress=lambda i, n: status.update(f"diff: {i}/{n} tensors"))

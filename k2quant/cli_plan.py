@@ -14,6 +14,7 @@ from rich.table import Table
 
 from k2quant import capacity
 from k2quant.capacity import GIB, CapacityReport, FormatPlan, Gpu
+from k2quant.errors import K2QuantError
 
 GB = 10**9
 
@@ -42,6 +43,8 @@ def plan(model: str, gpus: str, gpu_mem: str | None, context: str | None, batch:
     cluster = capacity.make_cluster(count, gpu, tp, ep, dcp)
     tokens = capacity.parse_tokens(context) if context is not None else None
     fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
+    if not fmts:
+        raise K2QuantError(f"--formats {formats!r} names no format; give a comma-separated list, e.g. bf16,fp8,int4")
     report = capacity.estimate(model, cluster, tokens, batch, fmts, kv_dtype, reserve)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from k2quant.errors import FormatError, collect
+from k2quant.errors import FormatError, K2QuantError, collect
 from k2quant.formats import convert, layout, plan
 from k2quant.formats.checkpoint import Checkpoint
 
@@ -97,8 +97,13 @@ class DiffReport:
                             | t.stats.to_json() for t in self.tensors]}
 
     def write_json(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
+        if path.is_dir():
+            raise K2QuantError(f"{path}: is a directory; --json takes a file path, e.g. {path / 'diff.json'}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
+        except OSError as exc:
+            raise K2QuantError(f"{path}: cannot write ({exc.strerror}); choose a writable file path") from None
         return path
 
 

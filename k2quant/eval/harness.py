@@ -157,6 +157,10 @@ def check_inputs(paths: list[Path], s: EvalSettings) -> None:
         elif s.backend != "vllm" and not any((p / f).exists() for f in TOKENIZER_FILES):
             problems.append(f"{p}: no tokenizer (expected one of {list(TOKENIZER_FILES)}); copy the model's "
                             f"tokenizer files into the checkpoint directory")
+    unknown = Harness(s).unknown_tasks()
+    if unknown:
+        problems.append(f"--tasks: unknown task(s) {unknown}; k2quant's own are k2quant_ppl, k2quant_mc, "
+                        f"k2quant_piqa and k2quant_openbookqa, or name a task lm-eval lists (lm-eval ls tasks)")
     if s.backend == "api" and len(s.base_urls) != len(paths):
         problems.append(f"the api backend needs one --base-url per checkpoint (in argument order): got "
                         f"{len(s.base_urls)} for {len(paths)} checkpoints")
@@ -185,6 +189,11 @@ class Harness:
         own = all(t.startswith("k2quant_") for t in self.settings.tasks)
         meta = {"k2quant_text_files": list(self.settings.text_files)} if self.settings.text_files else None
         return TaskManager(include_path=str(TASKS_DIR), include_defaults=not own, metadata=meta)
+
+    def unknown_tasks(self) -> list[str]:
+        """Tasks (or groups) lm-eval does not know, before any checkpoint is loaded."""
+        known = set(self.task_manager().all_tasks)
+        return [t for t in self.settings.tasks if t not in known]
 
     def cache_path(self, path: Path, loaded: LoadedModel) -> str | None:
         """One request-cache database per checkpoint and settings (lm-eval's cache key ignores the model)."""

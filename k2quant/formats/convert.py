@@ -315,6 +315,7 @@ def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme |
     _check_counts(workers, world_size, rank, max_shard_size)
     ckpt = Checkpoint(src)
     plan = make_plan(ckpt, target, scheme, max_shard_size)
+    _check_device(device)
     ops = dispatch.ops(kernel, device)  # fail early on a bad kernel/device choice
     carried = ckpt.other_files(remote_code=trust_remote_code)  # every carried file checked before writing
     skipped = [] if trust_remote_code else [p.relative_to(ckpt.path).as_posix() for p in ckpt.remote_code_files()]
@@ -345,6 +346,21 @@ def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme |
     report = _report(ckpt, plan, dst, time.perf_counter() - t0, workers, ops.name, len(kept), group)
     report.remote_code_skipped = skipped
     return report
+
+
+def _check_device(device: str) -> None:
+    """A device torch can name and this build can use, before anything is read or written."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise OutputError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else \
+            "a torch build without CUDA or no visible GPU"
+        raise OutputError(f"--device {device!r}: this machine has {have}; use --device cpu, or install a CUDA "
+                          f"build of torch")
+    if dev.type not in ("cpu", "cuda"):
+        raise OutputError(f"--device {device!r}: k2quant runs on cpu or cuda")
 
 
 def _check_counts(workers: int, world_size: int | None, rank: int | None, max_shard_size: int) -> None:

@@ -279,7 +279,7 @@ class ShardWriter:
         if e is None or TAGS.get(t.dtype) != e.dtype or tuple(t.shape[1:]) != e.shape[1:]:
             raise AssertionError(f"{self.path.name}: writer expected {e}, got {name} {t.dtype} {tuple(t.shape)}")
         if t.numel():
-            self.write_raw(name, t.contiguous().view(torch.uint8).numpy())
+            self.write_raw(name, t.contiguous().reshape(-1).view(torch.uint8).numpy())  # reshape: 0-d tensors too
 
     def commit(self) -> str:
         """Flush, fsync, rename into place; return the file's sha256."""
