@@ -85,6 +85,10 @@ def prepare_output(src: Path, dst: Path, need_bytes: int, force: bool, resume: b
                               f"an empty directory")
         raise OutputError(f"{dst}: output directory is not empty ({len(entries)} entries){hint}; choose an empty "
                           f"directory or pass --force to replace k2quant outputs in it")
+    through_links = [w for w in writes if not _inside(d, w)]
+    if through_links:
+        raise OutputError(f"{dst}: writing {', '.join(through_links[:3])} would go through a link inside the output "
+                          f"directory, i.e. outside it; k2quant writes only inside {dst}: remove the link")
     owned = owned_files(d) if entries else set()
     foreign = sorted(w for w in writes if w not in owned and ((d / w).exists() or (d / w).is_symlink()))
     if foreign:

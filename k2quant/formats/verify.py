@@ -13,7 +13,6 @@ Streams both checkpoints item by item (row chunks for big tensors), like convert
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Callable
