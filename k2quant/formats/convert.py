@@ -434,9 +434,10 @@ def _worker_init() -> None:
 
 
 def _stop(pool: cf.ProcessPoolExecutor, futures: list[cf.Future], jobs: list[ShardJob]) -> None:
-    """Terminate the workers, wait for them briefly, and remove every temp file they may have left."""
-    for f in futures:
-        f.cancel()
+    """Terminate the workers, wait for them briefly, and remove every temp file they may have left.
+
+    Futures are not cancelled one by one: the executor marks them all broken when its workers die, and
+    (Python 3.11) raises InvalidStateError in its own thread for a future cancelled before that."""
     procs = list((getattr(pool, "_processes", None) or {}).values())
     for proc in procs:
         if proc.is_alive():
@@ -445,7 +446,8 @@ def _stop(pool: cf.ProcessPoolExecutor, futures: list[cf.Future], jobs: list[Sha
         proc.join(timeout=5)
         if proc.is_alive():
             proc.kill()
-    pool.shutdown(wait=False, cancel_futures=True)
+            proc.join(timeout=5)
+    pool.shutdown(wait=True)
     for job in jobs:
         job.path.with_name(job.path.name + shards.TMP_SUFFIX).unlink(missing_ok=True)
 
