@@ -3,6 +3,7 @@ nothing lost or leaked. Every test here failed on the code before the fix."""
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -312,7 +313,11 @@ def test_source_entries_that_are_not_regular_files_inside_src(tiny_dirs, tmp_pat
             "fifo": lambda p: os.mkfifo(p), "dirlink": lambda p: p.symlink_to(tmp_path)}[kind]
     src = _src_with(tiny_dirs, tmp_path, "tokenizer.json", make)
     out = tmp_path / "o"
-    code, msg = cli("convert", src, out, "--to", "int4")
+    # a process of its own, its files capped at 64 MB: copying /dev/zero would otherwise fill the disk
+    res = subprocess.run([sys.executable, "-m", "k2quant", "convert", str(src), str(out), "--to", "int4"],
+                         capture_output=True, text=True, timeout=300,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 20, 64 << 20)))
+    code, msg = res.returncode, " ".join(res.stderr.split())
     assert code == 2, msg
     want = {"outside": f"is a link to {secret}, outside the checkpoint", "devzero": "outside the checkpoint",
             "fifo": "is a FIFO, not a regular file", "dirlink": "is a link to a directory"}[kind]
@@ -362,8 +367,10 @@ def test_index_naming_a_path_outside_src_is_refused_before_opening_it(tiny_dirs,
     first = next(iter(idx["weight_map"]))
     idx["weight_map"][first] = "../outside.safetensors"
     (src / INDEX).write_text(json.dumps(idx))
-    code, msg = cli("inspect", src)
-    assert code == 2 and "weight_map names '../outside.safetensors'; every value must be the file name" in msg
+    res = subprocess.run([sys.executable, "-m", "k2quant", "inspect", str(src)], capture_output=True, text=True,
+                         timeout=120)  # a process of its own: opening the FIFO would block forever
+    msg = " ".join(res.stderr.split())
+    assert res.returncode == 2 and "weight_map names '../outside.safetensors'; every value must be the file name" in msg
 
 
 # -- interrupts and concurrency ---------------------------------------------------------------------
