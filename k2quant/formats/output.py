@@ -117,18 +117,24 @@ def owned_files(d: Path) -> set[str]:
     if (d / MANIFEST).is_file() or (d / MANIFEST).is_symlink():
         man = shards.read_json(d / MANIFEST, "k2quant manifest", fix)
         recs, files = man.get("shards", {}), man.get("files", [CONFIG, INDEX])  # older manifests: no "files"
-        if not isinstance(recs, dict) or not isinstance(files, list):
-            raise FormatError(f"{d / MANIFEST}: 'shards' must be an object and 'files' a list; {fix}")
+        if not isinstance(recs, dict) or not _strings(files):
+            raise FormatError(f"{d / MANIFEST}: 'shards' must be an object and 'files' a list of paths; {fix}")
         own |= {MANIFEST, *recs, *files}
     settings = d / STATE_DIR / "settings.json"
     if settings.is_file():
         names = shards.read_json(settings, "k2quant run state", fix).get("shards", [])
-        own |= set(names) if isinstance(names, list) else set()
+        if not _strings(names):
+            raise FormatError(f"{settings}: 'shards' must be a list of file names; {fix}")
+        own |= set(names)
     bad = [n for n in own if not _inside(d, n)]
     if bad:
         raise FormatError(f"{d / MANIFEST}: names {bad[:3]}, not a plain path inside {d}; k2quant never wrote "
                           f"that: {fix}")
     return own
+
+
+def _strings(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
 def _inside(d: Path, rel: object) -> bool:
@@ -242,10 +248,11 @@ def resume_state(dst: Path, settings: dict, plan: Plan) -> dict[str, dict]:
     """Records of shards an interrupted run finished and that are intact; refuse changed settings."""
     state = dst / STATE_DIR
     manifest = dst / MANIFEST
-    saved = None
+    saved, saved_from = None, state / "settings.json"
     if (state / "settings.json").exists():
         saved = shards.read_json(state / "settings.json", "k2quant run state", RESUME_FIX)
     elif manifest.exists():
+        saved_from = manifest
         saved = shards.read_json(manifest, "k2quant manifest", RESUME_FIX).get("settings")
         if not isinstance(saved, dict):
             raise FormatError(f"{manifest}: has no 'settings' object; {RESUME_FIX}")
@@ -258,7 +265,8 @@ def resume_state(dst: Path, settings: dict, plan: Plan) -> dict[str, dict]:
     if diff:
         details = "; ".join(_describe(k, saved.get(k), settings.get(k)) for k in diff)
         raise OutputError(f"{dst}: --resume with settings that differ from the interrupted run's ({details}); "
-                          f"rerun with the same settings, or pass --force instead of --resume to start over")
+                          f"rerun with the same settings, or pass --force instead of --resume to start over "
+                          f"(the interrupted run's settings are in {saved_from})")
     records = {}
     if manifest.exists():
         recs = shards.read_json(manifest, "k2quant manifest", RESUME_FIX).get("shards", {})
@@ -277,12 +285,13 @@ def resume_state(dst: Path, settings: dict, plan: Plan) -> dict[str, dict]:
 
 def _describe(key: str, was: object, now: object) -> str:
     if key == "source_files" and isinstance(was, dict) and isinstance(now, dict):
-        wf, nf = was.get("files") or {}, now.get("files") or {}
+        wf, nf = was.get("files"), now.get("files") or {}
+        wf = wf if isinstance(wf, dict) else {}
         changed = sorted(n for n in set(wf) | set(nf) if wf.get(n) != nf.get(n))
         if changed or was.get("sha256") != now.get("sha256"):
             what = ", ".join(changed[:5]) or "config.json / index"
             return f"source_files: the source content changed since the interrupted run ({what})"
-    return f"{key}: was {was!r}, now {now!r}"
+    return f"{key}: was {was!r:.300}, now {now!r:.300}"
 
 
 def clean_partial(dst: Path, kept: dict[str, dict], plan: Plan, rank: int, world: int) -> None:
