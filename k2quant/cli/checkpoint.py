@@ -4,6 +4,8 @@ Parse options, build a scheme, call one library function, render with rich.
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from pathlib import Path
 
@@ -37,9 +39,13 @@ from k2quant.quant.names import CONVERT_INT4_RULE, FORMATS, INT4_GROUP_SIZE, INT
 @click.option("--rank", type=int, default=None, help="This process's rank when several machines share the work "
               "(torchrun sets RANK/WORLD_SIZE itself).")
 @click.option("--world-size", type=int, default=None, help="Number of ranks sharing the work.")
+@click.option("--wait-timeout", type=click.FloatRange(min=0), default=24 * 3600.0, show_default=True,
+              help="With --rank/--world-size: seconds a rank waits for the others (at most 600 for rank 0 to start).")
+@click.option("--trust-remote-code", is_flag=True, help="Also copy SRC's *.py files (code that loaders run with "
+              "trust_remote_code); off by default.")
 @json_option("conversion summary")
 def convert(src, dst, target, group_size, scale_rule, targets, ignore, max_shard_size, workers, device,
-            kernel, force, resume, rank, world_size, as_json) -> None:
+            kernel, force, resume, rank, world_size, wait_timeout, trust_remote_code, as_json) -> None:
     """Convert checkpoint SRC into DST in another format (bf16, fp8, int4)."""
     from k2quant.formats import convert as conv
     from k2quant.quant.scheme import for_target
@@ -61,11 +67,17 @@ def convert(src, dst, target, group_size, scale_rule, targets, ignore, max_shard
         bar.update(task, advance=nbytes, items=bar.tasks[task].fields["items"] + n)
 
     try:
-        report = conv.convert(src, dst, target, scheme, max_shard_size=parse_size(max_shard_size),
-                              workers=workers, force=force, resume=resume, device=device, kernel=kernel,
-                              rank=rank, world_size=world_size, progress=progress, on_plan=on_plan)
+        with _interruptible(dst):
+            report = conv.convert(src, dst, target, scheme, max_shard_size=parse_size(max_shard_size),
+                                  workers=workers, force=force, resume=resume, device=device, kernel=kernel,
+                                  rank=rank, world_size=world_size, wait_timeout=wait_timeout, progress=progress,
+                                  on_plan=on_plan, trust_remote_code=trust_remote_code,
+                                  on_wait=lambda msg: console.print(msg, highlight=False))
     finally:
         bar.stop()
+    if report.remote_code_skipped:
+        console.print(f"not copied (remote code, pass --trust-remote-code to copy): "
+                      f"{', '.join(report.remote_code_skipped)}", highlight=False)
     if emit_json(as_json, report.to_json()):
         return
     t = Table(title=f"{report.source_format} → {report.target}: {report.dst}")
@@ -81,6 +93,23 @@ def convert(src, dst, target, group_size, scale_rule, targets, ignore, max_shard
     ranks = f", rank {report.rank} of {report.world_size}" if report.world_size > 1 else ""
     out.print(f"{report.tensors_in} → {report.tensors_out} tensors, {report.shards} shard(s){kept}, "
               f"{report.seconds:.2f} s ({rate:.0f} MB/s of source, {report.kernel} kernels{ranks})")
+
+
+@contextlib.contextmanager
+def _interruptible(dst: str):
+    """Ctrl-C and SIGTERM stop the run (the library stops its workers and removes temp files): say how to go on."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print(f"[bold red]interrupted:[/] finished shards are kept in {dst}; run the same command with "
+                      f"--resume to continue", highlight=False)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 @click.command()
@@ -163,5 +192,9 @@ def make_tiny(dst, fmt, seed) -> None:
 
     if Path(dst).exists() and any(Path(dst).iterdir()):
         raise K2QuantError(f"{dst}: not empty; choose an empty or new directory")
-    tiny.build(dst, fmt, seed=seed)
+    try:
+        tiny.build(dst, fmt, seed=seed)
+    except OSError as exc:
+        raise K2QuantError(f"{dst}: cannot write the tiny checkpoint ({exc.strerror}); choose a writable "
+                           f"directory") from None
     out.print(f"wrote a tiny K2 checkpoint ({fmt}) to {dst}")

@@ -39,6 +39,9 @@ def _limit(value: str | None) -> int | float | None:
         x = float(value)
     except ValueError:
         raise K2QuantError(f"--limit {value!r}: expected a document count (e.g. 200) or a fraction (e.g. 0.1)") from None
+    if not (0 < x < float("inf")):
+        raise K2QuantError(f"--limit {value!r}: must be a positive document count (e.g. 200) or a fraction in "
+                           f"(0, 1) (e.g. 0.1)")
     return int(x) if x >= 1 and x == int(x) else x
 
 
@@ -105,7 +108,7 @@ def settings_from_options(*, tasks: str = "k2quant_ppl,k2quant_mc", backend: str
                           limit: str | None = None, batch_size: int = 16, max_length: int = 512,
                           num_fewshot: int | None = None, dtype: str = "float32", seed: int = 0,
                           text_files: tuple[Path, ...] = (), measure_tokens: int = 16384,
-                          no_cache: bool = False):
+                          no_cache: bool = False, trust_remote_code: bool = False):
     """The ``EvalSettings`` the ``eval`` options describe (``--tp`` / ``--ep`` become vllm arguments)."""
     from k2quant.eval.harness import EvalSettings
 
@@ -114,7 +117,8 @@ def settings_from_options(*, tasks: str = "k2quant_ppl,k2quant_mc", backend: str
     return EvalSettings(tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), backend=backend,
                         limit=_limit(limit), batch_size=batch_size, max_length=max_length, num_fewshot=num_fewshot,
                         dtype=dtype, seed=seed, text_files=tuple(str(p) for p in text_files), backend_args=extra,
-                        base_urls=tuple(base_urls), measure_tokens=measure_tokens, use_cache=not no_cache)
+                        base_urls=tuple(base_urls), measure_tokens=measure_tokens, use_cache=not no_cache,
+                        trust_remote_code=trust_remote_code)
 
 
 @click.command("eval")
@@ -146,17 +150,22 @@ def settings_from_options(*, tasks: str = "k2quant_ppl,k2quant_mc", backend: str
 @click.option("--no-cache", is_flag=True, help="do not use lm-eval request caches under --report")
 @click.option("--fail-under", type=float, default=None, metavar="RECOVERY",
               help="exit 1 when any task metric's recovery % is below this")
+@click.option("--trust-remote-code", is_flag=True,
+              help="vllm: run Python code shipped inside the checkpoints (off by default: only for checkpoints "
+                   "you trust)")
 def eval_cmd(baseline: Path, candidates: tuple[Path, ...], tasks: str, report_dir: Path | None, backend: str,
              tp: int | None, ep: bool | None, model_args: tuple[str, ...], base_urls: tuple[str, ...],
              limit: str | None, batch_size: int, max_length: int, num_fewshot: int | None, dtype: str, seed: int,
-             text_files: tuple[Path, ...], measure_tokens: int, no_cache: bool, fail_under: float | None) -> None:
+             text_files: tuple[Path, ...], measure_tokens: int, no_cache: bool, fail_under: float | None,
+             trust_remote_code: bool) -> None:
     """Degradation of CANDIDATE checkpoints against BASELINE: the same lm-eval tasks on each, plus KL."""
     from k2quant.eval import compare
 
     settings = settings_from_options(tasks=tasks, backend=backend, tp=tp, ep=ep, model_args=model_args,
                                      base_urls=base_urls, limit=limit, batch_size=batch_size,
                                      max_length=max_length, num_fewshot=num_fewshot, dtype=dtype, seed=seed,
-                                     text_files=text_files, measure_tokens=measure_tokens, no_cache=no_cache)
+                                     text_files=text_files, measure_tokens=measure_tokens, no_cache=no_cache,
+                                     trust_remote_code=trust_remote_code)
     err = Console(stderr=True)
     t0 = time.perf_counter()
     with err.status("evaluating") as status:
@@ -215,6 +224,8 @@ def diff_cmd(a: Path, b: Path, as_json: str | None, plot_path: Path | None) -> N
     """Per-tensor error of checkpoint B against A (any formats), streaming: no model, any size."""
     from k2quant.eval import diff
 
+    if plot_path is not None and plot_path.is_dir():  # before the diff runs, not after
+        raise K2QuantError(f"--plot {plot_path}: is a directory; give a file path, e.g. {plot_path / 'diff.png'}")
     t0 = time.perf_counter()
     with Console(stderr=True).status("diff") as status:
         rep = diff.diff(a, b, progress=lambda i, n: status.update(f"diff: {i}/{n} tensors"))

@@ -15,6 +15,7 @@ from k2quant.formats.serving import GIB, GPUS, MIB, Gpu
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
          "tb": 10**12, "kib": 2**10, "mib": MIB, "gib": GIB, "tib": 2**40}
 _MEM_UNITS = ("gb", "gib", "mb", "mib", "tb", "tib")
+MAX_GPUS = 1 << 20  # a bound on --gpus (a 20-digit count is a typo, not a cluster)
 _ALIASES = {"A10080GB": "A100", "A10040GB": "A100-40GB", "H10080GB": "H100", "H80080GB": "H800",
             "H2096GB": "H20", "H200141GB": "H200", "B200192GB": "B200", "MI300X192GB": "MI300X"}
 
@@ -46,6 +47,9 @@ def parse_gpus(spec: str, gpu_mem: str | None = None) -> tuple[int, Gpu]:
         raise K2QuantError(f"--gpus {spec!r}: expected COUNTxNAME, e.g. 8xH200 or 16xH100 "
                            f"(or a count with --gpu-mem, e.g. --gpus 8 --gpu-mem 96GiB)")
     count, name = int(m.group(1)), m.group(2)
+    if count > MAX_GPUS:
+        raise K2QuantError(f"--gpus {spec!r}: {count} GPUs is more than the {MAX_GPUS:,} k2quant plans for; "
+                           f"give the GPU count of one serving instance, e.g. 8xH200")
     if gpu_mem is not None:
         mem = parse_gpu_mem(gpu_mem)
         return count, Gpu(name or "custom", mem, gpu_mem, "--gpu-mem")
@@ -105,8 +109,16 @@ def human(n: float) -> str:
 def json_option(what: str):
     """``--json [FILE]``, the same in every command: the machine-readable ``what`` on stdout (alone), or
     written into FILE (then the tables print as usual)."""
+    def check(ctx, param, value: str | None) -> str | None:
+        import os
+
+        if value not in (None, "-") and os.path.isdir(value):  # before the command runs, not after
+            raise click.BadParameter(f"--json {value}: is a directory; give a file path, e.g. "
+                                     f"{os.path.join(value, 'report.json')}")
+        return value
+
     return click.option("--json", "as_json", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
-                        help=f"The {what} as JSON: on stdout, or into FILE.")
+                        callback=check, help=f"The {what} as JSON: on stdout, or into FILE.")
 
 
 def emit_json(as_json: str | None, obj: dict, indent: int | None = None) -> bool:
@@ -122,9 +134,12 @@ def emit_json(as_json: str | None, obj: dict, indent: int | None = None) -> bool
         click.echo(text)
         return True
     path = Path(as_json)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".k2q-tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise K2QuantError(f"--json {path}: cannot write ({exc.strerror}); choose a writable file path") from None
     click.echo(f"wrote {path}", err=True)
     return False

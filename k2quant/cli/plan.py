@@ -18,6 +18,7 @@ from k2quant.quant.names import FORMATS
 
 if TYPE_CHECKING:
     from k2quant.formats.capacity import CapacityReport, FormatFit
+from k2quant.errors import K2QuantError
 
 GB = 10**9
 
@@ -48,6 +49,8 @@ def plan(model: str, gpus: str, gpu_mem: str | None, context: str | None, batch:
     cluster = capacity.make_cluster(count, gpu, tp, ep, dcp)
     tokens = parse_tokens(context) if context is not None else None
     fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
+    if not fmts:
+        raise K2QuantError(f"--formats {formats!r} names no format; give a comma-separated list, e.g. bf16,fp8,int4")
     report = capacity.estimate(model, cluster, tokens, batch, fmts, kv_dtype, reserve)
     if not emit_json(as_json, report.to_json(), indent=2):
         render(report, Console(width=max(100, Console().width)))

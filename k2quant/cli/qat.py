@@ -88,7 +88,7 @@ def train(src, data, eval_data, out, train_, targets, ignore, resume, old_json, 
     if missing:
         raise K2QuantError(f"qat: missing {', '.join(missing)}; usage: k2quant qat SRC --data FILE --out DIR")
     cfg = QatConfig(src=str(src), data=list(data), out=str(out), train=train_, targets=name_list("--targets", targets),
-                    ignore=name_list("--ignore", ignore), eval_data=list(eval_data) or None, **opts)
+                    ignore=name_list("--ignore", ignore), eval_data=list(eval_data or ()) or None, **opts)
     console = Console(stderr=True)
     main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun only rank 0 reports
     with Progress(TextColumn("[bold]qat"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

@@ -53,6 +53,8 @@ class EvalSettings:
     base_urls: tuple[str, ...] = ()
     measure_tokens: int = 16384
     use_cache: bool = True
+    #: let vllm run Python code shipped inside a checkpoint (``--trust-remote-code``); off unless asked
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -92,7 +94,8 @@ def _hf(path: Path, index: int, s: EvalSettings) -> LoadedModel:
 
 def _vllm(path: Path, index: int, s: EvalSettings) -> LoadedModel:
     args: dict[str, Any] = {"pretrained": str(path), "tokenizer": str(path), "dtype": "auto",
-                            "max_model_len": s.max_length, "add_bos_token": True, "trust_remote_code": True,
+                            "max_model_len": s.max_length, "add_bos_token": True,
+                            "trust_remote_code": s.trust_remote_code,
                             "seed": s.seed, "tensor_parallel_size": 1}
     return LoadedModel("vllm", args | _typed(s.backend_args))
 
@@ -139,6 +142,10 @@ def check_inputs(paths: list[Path], s: EvalSettings) -> None:
                             f"config.json and the *.safetensors shards")
         elif s.backend != "vllm" and (problem := load.missing_tokenizer(p)) is not None:
             problems.append(problem)
+    unknown = Harness(s).unknown_tasks()
+    if unknown:
+        problems.append(f"--tasks: unknown task(s) {unknown}; k2quant's own are k2quant_ppl, k2quant_mc, "
+                        f"k2quant_piqa and k2quant_openbookqa, or name a task lm-eval lists (lm-eval ls tasks)")
     if s.backend == "api" and len(s.base_urls) != len(paths):
         problems.append(f"the api backend needs one --base-url per checkpoint (in argument order): got "
                         f"{len(s.base_urls)} for {len(paths)} checkpoints")
@@ -167,6 +174,11 @@ class Harness:
         own = all(t.startswith("k2quant_") for t in self.settings.tasks)
         meta = {"k2quant_text_files": list(self.settings.text_files)} if self.settings.text_files else None
         return TaskManager(include_path=str(TASKS_DIR), include_defaults=not own, metadata=meta)
+
+    def unknown_tasks(self) -> list[str]:
+        """Tasks (or groups) lm-eval does not know, before any checkpoint is loaded."""
+        known = set(self.task_manager().all_tasks)
+        return [t for t in self.settings.tasks if t not in known]
 
     def cache_path(self, path: Path, loaded: LoadedModel) -> str | None:
         """One request-cache database per checkpoint and settings (lm-eval's cache key ignores the model)."""

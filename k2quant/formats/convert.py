@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import multiprocessing
 import queue
+import signal
 import threading
 import time
 from pathlib import Path
@@ -55,6 +56,7 @@ class ConvertReport:
     rank: int
     world_size: int
     by_class: dict[str, dict[str, int]]
+    remote_code_skipped: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,7 +110,13 @@ def _fp8_rows(item: Item, rd: _Reader, ctx: _Ctx, r0: int, r1: int) -> tuple[tor
         w = item.part("weight")
         raise FormatError(f"{w.file}: FP8 weight {w.name!r} holds NaN codes (0x7f/0xff); the checkpoint is "
                           f"corrupt: re-download this shard")
-    return q, rd.rows("scale", r0 // bn, -(-r1 // bn)).to(ctx.device).to(torch.float32)
+    scale = rd.rows("scale", r0 // bn, -(-r1 // bn)).to(ctx.device).to(torch.float32)
+    bad = ctx.ops.count_nonfinite(scale)
+    if bad:  # every path sees this: FP8 -> BF16, and the fused FP8 -> INT4 kernels
+        s = item.part("scale")
+        raise FormatError(f"{s.file}: FP8 scale {s.name!r} holds {bad} NaN/Inf tiles (rows {r0}..{r1} of the "
+                          f"weight); the checkpoint is corrupt: re-download this shard")
+    return q, scale
 
 
 def _decode_rows(item: Item, rd: _Reader, ctx: _Ctx, r0: int, r1: int) -> torch.Tensor:
@@ -296,39 +304,105 @@ def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme |
             max_shard_size: int = DEFAULT_MAX_SHARD, workers: int = 1, force: bool = False,
             resume: bool = False, device: str = "cpu", kernel: str = "auto", rank: int | None = None,
             world_size: int | None = None, wait_timeout: float = 24 * 3600.0,
-            progress: Progress | None = None, on_plan: Callable[[Plan], None] | None = None) -> ConvertReport:
-    """Convert checkpoint ``src`` into ``dst`` in ``target`` format ("bf16", "fp8", "int4")."""
+            progress: Progress | None = None, on_plan: Callable[[Plan], None] | None = None,
+            trust_remote_code: bool = False, on_wait: Callable[[str], None] | None = None) -> ConvertReport:
+    """Convert checkpoint ``src`` into ``dst`` in ``target`` format ("bf16", "fp8", "int4").
+
+    ``trust_remote_code`` carries the source's ``*.py`` files (code loaders run); without it they are left out.
+    """
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
+    _check_counts(workers, world_size, rank, max_shard_size)
     ckpt = Checkpoint(src)
     plan = make_plan(ckpt, target, scheme, max_shard_size)
+    _check_device(device)
     ops = dispatch.ops(kernel, device)  # fail early on a bad kernel/device choice
-    group = output.Group(rank, world_size, dst, wait_timeout)
+    carried = ckpt.other_files(remote_code=trust_remote_code)  # every carried file checked before writing
+    skipped = [] if trust_remote_code else [p.relative_to(ckpt.path).as_posix() for p in ckpt.remote_code_files()]
+    group = output.Group(rank, world_size, dst, wait_timeout, on_wait)
     settings = output.run_settings(plan, ckpt)
     state = dst / output.STATE_DIR
+    lock = output.Lock(dst, group.rank)
+    try:
+        kept = _start(src, dst, plan, settings, group, lock, force, resume, ckpt, carried)
+        if on_plan:
+            on_plan(plan)
+        jobs = [ShardJob(dst / name, tuple(plan.items[i] for i in idx), plan.source_format, scheme, device, kernel)
+                for j, (name, idx) in enumerate(zip(plan.shard_names, plan.shards))
+                if j % group.world == group.rank and name not in kept]
+        records = _run_jobs(jobs, workers, progress)
+        try:
+            for rec in records:
+                shards.write_json(state / f"{rec['shard']}.json", rec)
+        finally:
+            records.close()
+        output.verify_headers(plan, dst, [j.path.name for j in jobs])
+        group.barrier(lambda: all((state / f"{n}.json").exists() or n in kept for n in plan.shard_names),
+                      f"every rank's shard records in {state}")
+        if group.rank == 0:
+            output.finish(ckpt, plan, dst, settings, kept, carried)
+    finally:
+        lock.release()
+    report = _report(ckpt, plan, dst, time.perf_counter() - t0, workers, ops.name, len(kept), group)
+    report.remote_code_skipped = skipped
+    return report
+
+
+def _check_device(device: str) -> None:
+    """A device torch can name and this build can use, before anything is read or written."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise OutputError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else \
+            "a torch build without CUDA or no visible GPU"
+        raise OutputError(f"--device {device!r}: this machine has {have}; use --device cpu, or install a CUDA "
+                          f"build of torch")
+    if dev.type not in ("cpu", "cuda"):
+        raise OutputError(f"--device {device!r}: k2quant runs on cpu or cuda")
+
+
+def _check_counts(workers: int, world_size: int | None, rank: int | None, max_shard_size: int) -> None:
+    problems = []
+    if type(workers) is not int or workers < 1:
+        problems.append(f"--workers {workers}: must be at least 1")
+    if world_size is not None and world_size < 1:
+        problems.append(f"--world-size {world_size}: must be at least 1")
+    if rank is not None and rank < 0:
+        problems.append(f"--rank {rank}: must be 0 or more")
+    if max_shard_size < 1:
+        problems.append(f"--max-shard-size {max_shard_size}: must be at least 1 byte (e.g. 5GB)")
+    if problems:
+        raise OutputError("; ".join(problems))
+
+
+def _start(src: Path, dst: Path, plan: Plan, settings: dict, group: output.Group, lock: output.Lock, force: bool,
+           resume: bool, ckpt: Checkpoint, carried: list[Path]) -> dict[str, dict]:
+    """Take DST for this run: rank 0 prepares it and records the settings; every other rank waits for them and
+    refuses to join a run whose settings differ from its own."""
+    state = dst / output.STATE_DIR
+    run = {"settings": settings, "world_size": group.world}
     if group.rank == 0:
-        output.prepare_output(src, dst, plan.dst_bytes, force, resume)
+        if dst.is_dir():
+            lock.acquire()
+        output.prepare_output(src, dst, plan.dst_bytes, force, resume, output.written_files(plan, ckpt, carried))
+        if not lock.held:
+            lock.acquire()
         kept = output.resume_state(dst, settings, plan) if resume else {}
         output.clean_partial(dst, kept, plan, 0, group.world)
         state.mkdir(exist_ok=True)
+        shards.write_json(state / "run.json", run)
         shards.write_json(state / "settings.json", settings)
     # without torchrun, the other ranks wait for rank 0's settings (start rank 0 first when using --force)
-    group.barrier(lambda: (state / "settings.json").exists())
+    group.barrier(lambda: (state / "settings.json").exists(),
+                  f"rank 0 to start the run (it writes {state / 'settings.json'})", first=True)
     if group.rank != 0:
+        lock.acquire()
+        output.check_joined_run(dst, run)
         kept = output.resume_state(dst, settings, plan) if resume else {}
         output.clean_partial(dst, kept, plan, group.rank, group.world)
-    if on_plan:
-        on_plan(plan)
-    jobs = [ShardJob(dst / name, tuple(plan.items[i] for i in idx), plan.source_format, scheme, device, kernel)
-            for j, (name, idx) in enumerate(zip(plan.shard_names, plan.shards))
-            if j % group.world == group.rank and name not in kept]
-    for rec in _run_jobs(jobs, workers, progress):
-        shards.write_json(state / f"{rec['shard']}.json", rec)
-    output.verify_headers(plan, dst, [j.path.name for j in jobs])
-    group.barrier(lambda: all((state / f"{n}.json").exists() or n in kept for n in plan.shard_names))
-    if group.rank == 0:
-        output.finish(ckpt, plan, dst, settings, kept)
-    return _report(ckpt, plan, dst, time.perf_counter() - t0, workers, ops.name, len(kept), group)
+    return kept
 
 
 def _run_jobs(jobs: list[ShardJob], workers: int, progress: Progress | None) -> Iterator[dict]:
@@ -339,18 +413,43 @@ def _run_jobs(jobs: list[ShardJob], workers: int, progress: Progress | None) -> 
     threads = max(1, torch.get_num_threads() // workers)
     jobs = [dataclasses.replace(j, threads=threads) for j in jobs]
     ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = [pool.submit(run_shard, job) for job in jobs]
-        try:
-            for fut in cf.as_completed(futures):
-                rec = fut.result()
-                if progress:
-                    progress(rec["items"], rec["source_bytes"])
-                yield rec
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+    futures = [pool.submit(run_shard, job) for job in jobs]
+    try:
+        for fut in cf.as_completed(futures):
+            rec = fut.result()
+            if progress:
+                progress(rec["items"], rec["source_bytes"])
+            yield rec
+    except BaseException:  # Ctrl-C, SIGTERM, a failed shard, or the consumer stopped: stop every worker now
+        _stop(pool, futures, jobs)
+        raise
+    pool.shutdown()
+
+
+def _worker_init() -> None:
+    # Ctrl-C reaches the whole process group: the parent alone handles it (and stops the workers), so a
+    # worker never dies half-way inside the executor's machinery
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop(pool: cf.ProcessPoolExecutor, futures: list[cf.Future], jobs: list[ShardJob]) -> None:
+    """Terminate the workers, wait for them briefly, and remove every temp file they may have left.
+
+    Futures are not cancelled one by one: the executor marks them all broken when its workers die, and
+    (Python 3.11) raises InvalidStateError in its own thread for a future cancelled before that."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+    pool.shutdown(wait=True)
+    for job in jobs:
+        job.path.with_name(job.path.name + shards.TMP_SUFFIX).unlink(missing_ok=True)
 
 
 def _report(ckpt: Checkpoint, plan: Plan, dst: Path, seconds: float, workers: int, kernel: str, kept: int,

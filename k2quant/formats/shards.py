@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -53,40 +54,89 @@ class TensorInfo:
         return n
 
 
+ITEMSIZE: dict[str, int] = {tag: torch.empty((), dtype=dt).element_size() for tag, dt in DTYPES.items()}
+
+
 def itemsize(tag: str) -> int:
-    return torch.empty((), dtype=DTYPES[tag]).element_size()
+    return ITEMSIZE[tag]  # a table: headers of 100k+ tensors call this per tensor
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header: ``({name: TensorInfo}, metadata)``."""
+    """Parse and validate a safetensors header: ``({name: TensorInfo}, metadata)``.
+
+    Refuses what the safetensors library refuses (offsets that are not contiguous from 0 to the end of the
+    file, duplicate names, metadata that is not strings) and what k2quant cannot convert (no tensors, more
+    than ``MAX_TENSORS``), with bounded cost: the tensor count is checked before the JSON is parsed.
+    """
     path = Path(path)
-    size = path.stat().st_size
     fix = "re-download or re-copy this file"
-    if size < 8:
-        raise FormatError(f"{path}: truncated safetensors file ({size} bytes, no header length); {fix}")
-    with open(path, "rb") as fh:
-        (hlen,) = struct.unpack("<Q", fh.read(8))
-        if hlen > MAX_HEADER or 8 + hlen > size:
-            raise FormatError(
-                f"{path}: corrupt or truncated safetensors header: header length {hlen} but the file "
-                f"has {size} bytes; {fix}")
-        raw = fh.read(hlen)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{path}: is {_kind(st.st_mode)}, not a safetensors file; remove it or replace it "
+                              f"with the shard")
+        size = st.st_size
+        if size < 8:
+            raise FormatError(f"{path}: truncated safetensors file ({size} bytes, no header length); {fix}")
+        with open(path, "rb") as fh:
+            (hlen,) = struct.unpack("<Q", fh.read(8))
+            if hlen > MAX_HEADER or 8 + hlen > size:
+                raise FormatError(
+                    f"{path}: corrupt or truncated safetensors header: header length {hlen} but the file "
+                    f"has {size} bytes; {fix}")
+            raw = fh.read(hlen)
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read ({exc.strerror}); {fix}") from None
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:
+        raise FormatError(f"{path}: header lists more than {MAX_TENSORS} tensors; k2quant reads at most "
+                          f"{MAX_TENSORS} per shard (Kimi K2 has ~3,000): re-shard the checkpoint")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise FormatError(f"{path}: corrupt safetensors header (not valid JSON: {exc}); {fix}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise FormatError(f"{path}: corrupt safetensors header (not valid JSON: {why}); {fix}") from None
     metadata = header.pop("__metadata__", None) or {}
-    base = 8 + hlen
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{path}: __metadata__ must map strings to strings, found {metadata!r:.80}; {fix}")
+    infos, problems = _entries(path, header, 8 + hlen, size, fix)
+    if not problems:
+        problems = _check_coverage(path, infos, 8 + hlen, size, fix)
+    if problems:
+        from k2quant.errors import collect
+        collect(problems)
+    return infos, metadata
+
+
+MAX_TENSORS = 200_000  # per shard: Kimi K2 has ~2,200 per shard, ~140,000 in all; inspect takes ~0.2 ms each
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return out
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int
+
+
+def _entries(path: Path, header: dict, base: int, size: int, fix: str) -> tuple[dict[str, TensorInfo], list[str]]:
     infos: dict[str, TensorInfo] = {}
     problems: list[str] = []
     for name, ent in header.items():
-        try:
-            tag, shape, (start, end) = ent["dtype"], tuple(int(d) for d in ent["shape"]), ent["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            problems.append(f"{path}: tensor {name!r} has a malformed header entry {ent!r}")
+        ok = isinstance(ent, dict) and isinstance(ent.get("dtype"), str) and isinstance(ent.get("shape"), list) \
+            and isinstance(ent.get("data_offsets"), list) and len(ent["data_offsets"]) == 2 \
+            and all(_is_int(d) and d >= 0 for d in ent["shape"] + ent["data_offsets"])
+        if not ok:
+            problems.append(f"{path}: tensor {name!r} has a malformed header entry {ent!r:.120} (expected dtype, "
+                            f"shape of non-negative integers, data_offsets [start, end]); {fix}")
             continue
+        tag, shape, (start, end) = ent["dtype"], tuple(ent["shape"]), ent["data_offsets"]
         if tag not in DTYPES:
             problems.append(
                 f"{path}: tensor {name!r} has dtype {tag!r}, which k2quant does not handle; expected one of "
@@ -95,7 +145,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         n = 1
         for d in shape:
             n *= d
-        if end - start != n * itemsize(tag) or start < 0:
+        if end - start != n * itemsize(tag):
             problems.append(f"{path}: tensor {name!r} spans bytes {start}..{end} but {tag}{list(shape)} "
                             f"needs {n * itemsize(tag)}; the header is corrupt; {fix}")
             continue
@@ -104,10 +154,24 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                             f"bytes (truncated file or corrupt header); {fix}")
             continue
         infos[name] = TensorInfo(name, path, tag, shape, base + start, base + end)
-    if problems:
-        from k2quant.errors import collect
-        collect(problems)
-    return infos, metadata
+    if not header and not problems:
+        problems.append(f"{path}: holds no tensors; a shard of a checkpoint holds at least one: {fix}")
+    return infos, problems
+
+
+def _check_coverage(path: Path, infos: dict[str, TensorInfo], base: int, size: int, fix: str) -> list[str]:
+    """Tensors must tile the data area exactly, in offset order, as the safetensors library requires."""
+    pos = base
+    for info in sorted(infos.values(), key=lambda i: (i.start, i.end)):
+        if info.start != pos:
+            what = "overlaps the tensor before it" if info.start < pos else "leaves a gap after the tensor before it"
+            return [f"{path}: tensor {info.name!r} starts at data offset {info.start - base}, expected {pos - base}: "
+                    f"it {what}; the safetensors library refuses such a file; {fix}"]
+        pos = info.end
+    if pos != size:
+        return [f"{path}: tensors end at data offset {pos - base} but the file holds {size - base} data bytes; the "
+                f"safetensors library refuses such a file (shifted offsets, truncated or padded file); {fix}"]
+    return []
 
 
 def read_bytes(info: TensorInfo, offset: int = 0, n: int | None = None) -> bytearray:
@@ -188,7 +252,7 @@ class ShardWriter:
         self.cur = 0
         self.left = entries[0].nbytes if entries else 0
         self.sha = hashlib.sha256()
-        self.fh = open(self.tmp, "wb")
+        self.fh = os.fdopen(create_fresh(self.tmp), "wb")
         self._out(header_bytes(entries, {"format": "pt"} if metadata is None else metadata))
         self._skip_empty()
 
@@ -218,7 +282,7 @@ class ShardWriter:
         if e is None or TAGS.get(t.dtype) != e.dtype or tuple(t.shape[1:]) != e.shape[1:]:
             raise AssertionError(f"{self.path.name}: writer expected {e}, got {name} {t.dtype} {tuple(t.shape)}")
         if t.numel():
-            self.write_raw(name, t.contiguous().view(torch.uint8).numpy())
+            self.write_raw(name, t.contiguous().reshape(-1).view(torch.uint8).numpy())  # reshape: 0-d tensors too
 
     def commit(self) -> str:
         """Flush, fsync, rename into place; return the file's sha256."""
@@ -236,6 +300,12 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def create_fresh(path: Path) -> int:
+    """A new file at ``path`` (a stale one removed first), never opened through a link someone placed there."""
+    path.unlink(missing_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -244,12 +314,48 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+MAX_JSON = 256 * 1024 * 1024  # an index of a 1 TB checkpoint is ~15 MB
+
+
+def read_json(path: Path, what: str, fix: str, kind: type = dict) -> object:
+    """Parse a JSON file k2quant did not necessarily write: any problem is one ``FormatError`` naming the file.
+
+    Only a regular file is read (a FIFO or device would block or never end), at most ``MAX_JSON`` bytes,
+    nesting that overflows the parser is refused, and the top level must be ``kind``.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{path}: {what} is not a regular file ({_kind(st.st_mode)}); {fix}")
+        if st.st_size > MAX_JSON:
+            raise FormatError(f"{path}: {what} is {st.st_size} bytes, more than the {MAX_JSON} k2quant reads; {fix}")
+        with open(path, "rb") as fh:
+            obj = json.loads(fh.read().decode("utf-8"))
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read {what} ({exc.strerror}); {fix}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise FormatError(f"{path}: {what} is not valid JSON ({reason}); {fix}") from None
+    if not isinstance(obj, kind):
+        raise FormatError(f"{path}: {what} must be a JSON {kind.__name__}, found {type(obj).__name__}; {fix}")
+    return obj
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def write_json(path: Path, obj: object) -> None:
     """Write JSON to a temp name, fsync, rename."""
     path = Path(path)
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        with open(tmp, "w") as fh:
+        with os.fdopen(create_fresh(tmp), "w") as fh:
             json.dump(obj, fh, indent=2)
             fh.write("\n")
             fh.flush()

@@ -45,30 +45,50 @@ def detect(ckpt: Checkpoint) -> SourceFormat:
     where = ckpt.path / CONFIG
     if qc is None:
         return SourceFormat("bf16")
+    if not isinstance(qc, dict):
+        raise FormatError(f"{where}: quantization_config is {qc!r}, expected an object; restore config.json from "
+                          f"the model's release (BF16 checkpoints have no quantization_config)")
     method = qc.get("quant_method")
     if method == "fp8":
         block = qc.get("weight_block_size")
-        if not block or len(block) != 2:
+        if not block:
             raise FormatError(f"{where}: quantization_config is per-tensor FP8 (no weight_block_size); k2quant "
                               f"reads block FP8 only. Expected {FP8_CONFIG_HINT}")
-        return SourceFormat("fp8", qscheme.get("fp8-block-128", block_size=tuple(int(b) for b in block)))
+        block = _ints(block, 2, where, "quantization_config.weight_block_size")
+        return SourceFormat("fp8", qscheme.get("fp8-block-128", block_size=block))
     if method == "compressed-tensors":
         groups = qc.get("config_groups") or {}
+        if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
+            raise FormatError(f"{where}: quantization_config.config_groups must be an object of objects, found "
+                              f"{groups!r:.80}; restore config.json from the model's release")
         for gname, group in groups.items():
-            w = (group or {}).get("weights") or {}
+            w = group.get("weights") or {}
+            if not isinstance(w, dict):
+                raise FormatError(f"{where}: config_groups.{gname}.weights is {w!r:.80}, expected an object")
             fmt = group.get("format") or qc.get("format")
             if w.get("type") == "int" and w.get("num_bits") == 4 and w.get("strategy") == "group":
                 if fmt != "pack-quantized" or not w.get("symmetric", True):
                     raise FormatError(f"{where}: config_groups.{gname} is INT4 but format {fmt!r} / symmetric="
                                       f"{w.get('symmetric')}; k2quant reads symmetric pack-quantized INT4 only")
-                return SourceFormat("int4", qscheme.get("int4-g32", group_size=int(w["group_size"])))
+                (gs,) = _ints([w.get("group_size")], 1, where, f"config_groups.{gname}.weights.group_size")
+                return SourceFormat("int4", qscheme.get("int4-g32", group_size=gs))
             if w.get("type") == "float" and w.get("num_bits") == 8 and w.get("strategy") == "block":
-                block = tuple(int(b) for b in w.get("block_structure") or (128, 128))
+                block = _ints(w.get("block_structure") or [128, 128], 2, where,
+                              f"config_groups.{gname}.weights.block_structure")
                 return SourceFormat("fp8", qscheme.get("fp8-block-128", block_size=block), fp8_scale="weight_scale")
         raise FormatError(f"{where}: compressed-tensors scheme {list(groups)} is neither INT4 pack-quantized "
                           f"(group) nor FP8 block; k2quant cannot read it")
     raise FormatError(f"{where}: quant_method {method!r} is not supported; k2quant reads BF16, block FP8 "
                       f"(quant_method fp8) and compressed-tensors INT4 / FP8-block checkpoints")
+
+
+def _ints(value: object, n: int, where: object, key: str) -> tuple[int, ...]:
+    """``n`` positive integers from a config value, or a ``FormatError`` naming the key."""
+    if (not isinstance(value, (list, tuple)) or len(value) != n
+            or not all(type(v) is int and 0 < v <= 1 << 20 for v in value)):
+        raise FormatError(f"{where}: {key} is {value!r:.80}, expected {n} positive integer(s); restore config.json "
+                          f"from the model's release")
+    return tuple(value)
 
 
 def modules(ckpt: Checkpoint, src: SourceFormat) -> tuple[dict[str, Module], list[str]]:

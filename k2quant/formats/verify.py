@@ -13,17 +13,16 @@ Streams both checkpoints item by item (row chunks for big tensors), like convert
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from k2quant.errors import K2QuantError
+from k2quant.errors import FormatError, K2QuantError
 from k2quant.formats import convert, layout, output, plan, shards, source
 from k2quant.formats.checkpoint import INDEX, Checkpoint
-from k2quant.quant import dispatch
+from k2quant.quant import dispatch, fp8_block, int4_group
 from k2quant.quant import scheme as qscheme
 
 #: |w - deq| <= INT4_STEP * scale + BF16_REL * |deq|: half a step, plus the library's bf16 rounding of w/scale
@@ -126,25 +125,42 @@ def _check_index(d_ck: Checkpoint, problems: _Problems) -> None:
     idx = d_ck.path / INDEX
     if not idx.exists():
         return
-    total = json.loads(idx.read_text()).get("metadata", {}).get("total_size")
+    meta = shards.read_json(idx, "index", "re-run the conversion").get("metadata")
+    total = meta.get("total_size") if isinstance(meta, dict) else None
     if total is not None and total != d_ck.total_bytes():
-        problems.add(idx, "", f"metadata.total_size is {total} but the shards hold {d_ck.total_bytes()} tensor bytes")
+        problems.add(idx, "", f"metadata.total_size is {total!r} but the shards hold {d_ck.total_bytes()} tensor bytes")
 
 
 def _check_manifest(d_ck: Checkpoint, problems: _Problems, stats: dict) -> None:
+    """The manifest's hashes, for the checkpoint's own shard files only: a name the manifest gives that is
+    not one of them (``/dev/zero``, ``../x``) is reported, never opened."""
     path = d_ck.path / output.MANIFEST
     if not path.exists():
         return
-    recs = json.loads(path.read_text()).get("shards", {})
+    try:
+        recs = shards.read_json(path, "k2quant manifest", "re-run the conversion").get("shards", {})
+    except K2QuantError as exc:
+        problems.add(path, "", str(exc))
+        return
+    if not isinstance(recs, dict):
+        problems.add(path, "", f"'shards' is {type(recs).__name__}, expected an object; re-run the conversion")
+        return
+    own = {f.name: f for f in d_ck.files}
     for name, rec in recs.items():
-        f = d_ck.path / name
-        if not f.exists():
-            problems.add(f, "", "listed in the manifest but missing")
+        if name not in own:
+            problems.add(path, "", f"lists {name!r}, which is not one of this checkpoint's shard files "
+                         f"({len(own)} in its index); the manifest does not belong to these shards: re-run the conversion")
+            continue
+        sha = rec.get("sha256") if isinstance(rec, dict) else None
+        if not isinstance(sha, str):
+            problems.add(path, "", f"entry {name!r} has no sha256 string; re-run the conversion")
             continue
         stats["shards_hashed"] += 1
-        if shards.sha256_file(f) != rec["sha256"]:
-            problems.add(f, "", f"sha256 differs from the manifest ({rec['sha256'][:16]}...): the file changed after "
+        if shards.sha256_file(own[name]) != sha:
+            problems.add(own[name], "", f"sha256 differs from the manifest ({sha[:16]}...): the file changed after "
                          f"conversion (corruption or a flipped byte); re-run the conversion")
+    for name in sorted(set(own) - set(recs)):
+        problems.add(own[name], "", "not in the manifest: the shard was not written by the run the manifest records")
 
 
 def _check_values(it: plan.Item, d_it: plan.Item, ctxs, problems: _Problems, stats: dict,
@@ -167,18 +183,27 @@ def _check_values(it: plan.Item, d_it: plan.Item, ctxs, problems: _Problems, sta
             problems.add(d_file, name, str(exc))
             return
     worst = 0.0
-    for r0, r1 in convert._chunks(it, s_ctx if it.dst_rep == source.PLAIN else
-                                  dataclasses.replace(s_ctx, scheme=d_ctx.src.scheme)):
-        w = convert._decode_rows(it, convert._Reader(it, None), s_ctx, r0, r1).float()
-        deq = convert._decode_rows(d_it, convert._Reader(d_it, None), d_ctx, r0, r1).float()
-        if it.dst_rep == source.PLAIN:
-            if not torch.equal(w, deq):
-                problems.add(d_file, name, "differs from the exact dequantization of the source")
-                return
-            continue
-        bound = _bound(d_it, d_ctx, w, deq, r0, r1)
-        ratio = float(((w - deq).abs() / bound).max()) if w.numel() else 0.0
-        worst = max(worst, ratio)
+    rules = set(_rules(d_it, d_ctx)) if it.dst_rep != source.PLAIN else set()
+    try:
+        for r0, r1 in convert._chunks(it, s_ctx if it.dst_rep == source.PLAIN else
+                                      dataclasses.replace(s_ctx, scheme=d_ctx.src.scheme)):
+            w_src = convert._decode_rows(it, convert._Reader(it, None), s_ctx, r0, r1)
+            w = w_src.float()
+            deq = convert._decode_rows(d_it, convert._Reader(d_it, None), d_ctx, r0, r1).float()
+            if it.dst_rep == source.PLAIN:
+                if not torch.equal(w, deq):
+                    problems.add(d_file, name, "differs from the exact dequantization of the source")
+                    return
+                continue
+            scale = _scale_rows(d_it, d_ctx, r0, r1)
+            rules = {r for r in rules if torch.equal(_expected_scale(w_src, d_ctx, r), scale)}
+            bound = _bound(d_it, d_ctx, w, deq, scale)
+            ratio = ((w - deq).abs() / bound) if w.numel() else torch.zeros(1)
+            # a NaN ratio must fail: max() over NaN would drop it, so non-finite counts as infinitely wrong
+            worst = max(worst, float(ratio.max()) if bool(torch.isfinite(ratio).all()) else float("inf"))
+    except K2QuantError as exc:  # e.g. NaN/Inf scales in DST, refused by the decoder's own checks
+        problems.add(d_file, name, str(exc))
+        return
     if it.dst_rep == source.PLAIN:
         stats["exact"] += 1
         return
@@ -189,12 +214,45 @@ def _check_values(it: plan.Item, d_it: plan.Item, ctxs, problems: _Problems, sta
             "E4M3 rounding of its tile scale"
         problems.add(d_file, name, f"dequantized values are off by up to {worst:.3g}x the allowed error "
                      f"({rule}): wrong scale or codes")
+    elif not rules:  # within its own bound, but a bound that grows with the scale proves nothing by itself
+        what = "INT4 scale rule (library or kimi)" if it.dst_rep == source.INT4 else "FP8 block rule (amax/448)"
+        problems.add(d_file, name, f"scales ({_scale_name(d_it)}) are not what the {what} computes from the "
+                     f"source: the output was not made from this source, or its scales were changed; re-run the "
+                     f"conversion")
 
 
-def _bound(d_it: plan.Item, d_ctx, w: torch.Tensor, deq: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+def _rules(d_it: plan.Item, d_ctx) -> tuple[str, ...]:
+    """The scale rules an RTN output of this format may follow (INT4 has two; which one is the user's choice)."""
+    return tuple(int4_group.DIVISOR) if d_it.src_rep == source.INT4 else (d_ctx.src.scheme.scale_rule,)
+
+
+def _expected_scale(w: torch.Tensor, d_ctx, rule: str) -> torch.Tensor:
+    """The scale RTN computes from the source rows under ``rule``, in the dtype the format stores."""
+    sch = d_ctx.src.scheme.with_(scale_rule=rule)
+    if sch.dtype == "int4":
+        return int4_group.compute_scale(w, sch).to(torch.bfloat16).float()
+    return fp8_block.compute_scale(w, sch).float()
+
+
+def _scale_name(d_it: plan.Item) -> str:
+    return d_it.part("scale").name
+
+
+def _scale_rows(d_it: plan.Item, d_ctx, r0: int, r1: int) -> torch.Tensor:
+    """The stored scales of rows ``r0:r1``; any NaN, Inf, zero or negative scale is an error."""
     sch = d_ctx.src.scheme
-    scale = shards.read_rows(d_it.part("scale"), *((r0, r1) if d_it.src_rep == source.INT4 else
-                                                    (r0 // sch.block_size[0], -(-r1 // sch.block_size[0])))).float()
+    info = d_it.part("scale")
+    rows = (r0, r1) if d_it.src_rep == source.INT4 else (r0 // sch.block_size[0], -(-r1 // sch.block_size[0]))
+    scale = shards.read_rows(info, *rows).float()
+    bad = int((~torch.isfinite(scale) | (scale <= 0)).sum())
+    if bad:
+        raise FormatError(f"{info.file}: {info.name!r} holds {bad} scales that are NaN, Inf, zero or negative; every "
+                          f"scale must be finite and positive: re-run the conversion")
+    return scale
+
+
+def _bound(d_it: plan.Item, d_ctx, w: torch.Tensor, deq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    sch = d_ctx.src.scheme
     if d_it.src_rep == source.INT4:
         s = scale.repeat_interleave(sch.group_size, dim=-1)[..., : w.shape[-1]]
         return INT4_STEP * s + BF16_REL * deq.abs() + 1e-30

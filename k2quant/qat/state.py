@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from k2quant.errors import K2QuantError, OutputError
+from k2quant.formats import shards
 from k2quant.formats.checkpoint import CONFIG, Checkpoint
 from k2quant.qat import dist
 from k2quant.qat.config import RESULT_FIELDS, QatConfig
@@ -29,13 +30,18 @@ MODEL_FILE, TRAINER_FILE, RUN_FILE = "model.safetensors", "trainer.pt", "run.jso
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """The RNG states as tensors and plain values only, so the trainer file loads with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def save_state(state_dir: Path, cfg: QatConfig, ckpt: Checkpoint, step: int, model_sd: dict[str, torch.Tensor], masters: Masters,
@@ -78,8 +84,43 @@ def read_run(state_dir: str | Path) -> tuple[QatConfig, int]:
     if not p.is_file():
         raise K2QuantError(f"{state_dir}: not a k2quant qat state directory (no {RUN_FILE}); pass the `state` "
                            f"directory inside a qat --out directory")
-    run = json.loads(p.read_text())
-    return QatConfig(**run["config"]), int(run["step"])
+    fix = "the state is corrupt: resume from an intact state or start a new run"
+    run = shards.read_json(p, "qat run record", fix)
+    cfg, step = run.get("config"), run.get("step")
+    problems = [] if isinstance(cfg, dict) else [f"'config' is {type(cfg).__name__}, expected an object"]
+    if type(step) is not int or step < 0:
+        problems.append(f"'step' is {step!r}, expected a non-negative integer")
+    fields = {f.name: f for f in dataclasses.fields(QatConfig)}
+    for key, value in (cfg if isinstance(cfg, dict) else {}).items():
+        if key not in fields:
+            problems.append(f"config has unknown key {key!r}")
+        elif not _fits(value, str(fields[key].type)):
+            problems.append(f"config {key!r} is {value!r}, expected {fields[key].type}")
+    if isinstance(cfg, dict):
+        problems += [f"config lacks {k!r}" for k, f in fields.items() if k not in cfg
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if problems:
+        raise K2QuantError(f"{p}: not a valid qat run record ({'; '.join(problems[:5])}); {fix}")
+    return QatConfig(**cfg), step
+
+
+def _fits(value: object, annotation: str) -> bool:
+    """Does a JSON value fit a QatConfig field's annotation (``int``, ``list[str] | None``, ...)?"""
+    for alt in annotation.split("|"):
+        alt = alt.strip()
+        if alt == "None" and value is None:
+            return True
+        if alt == "bool" and isinstance(value, bool):
+            return True
+        if alt == "int" and type(value) is int:
+            return True
+        if alt == "float" and type(value) in (int, float):
+            return True
+        if alt == "str" and isinstance(value, str):
+            return True
+        if alt == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return True
+    return False
 
 
 def begin(cfg: QatConfig, resume: Path | None) -> None:
@@ -102,23 +143,52 @@ def load_state(state_dir: Path, student: nn.Module, masters: Masters, opt, sched
     rank, world = accelerator.process_index, accelerator.num_processes
     trainer = trainer_file(state_dir, rank, world)
     if not trainer.is_file():
-        saved = json.loads((state_dir / RUN_FILE).read_text()).get("processes", 1)
+        saved = shards.read_json(state_dir / RUN_FILE, "qat run record", "start a new run").get("processes", 1)
         raise K2QuantError(f"{state_dir}: saved by {saved} process(es), resumed with {world}; the optimizer state "
                            f"is stored per process: resume with {saved} process(es)")
-    sd = load_file(str(state_dir / MODEL_FILE))
+    sd = _load_model_file(state_dir / MODEL_FILE)
     if dist.is_fsdp(accelerator):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(student, sd, options=StateDictOptions(full_state_dict=True))
     else:
         accelerator.unwrap_model(student).load_state_dict(sd)
-    tr = torch.load(trainer, weights_only=False)
-    masters.load_state_dict(tr["masters"])
-    opt.load_state_dict(tr["optimizer"])
-    dist.optimizer_state_to_dtensor(opt)
-    sched.load_state_dict(tr["scheduler"])
-    _set_rng_state(tr["rng"])
-    return int(tr["step"])
+    tr = read_trainer(trainer)
+    try:
+        masters.load_state_dict(tr["masters"])
+        opt.load_state_dict(tr["optimizer"])
+        dist.optimizer_state_to_dtensor(opt)
+        sched.load_state_dict(tr["scheduler"])
+        _set_rng_state(tr["rng"])
+        return int(tr["step"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
+        raise K2QuantError(f"{trainer}: trainer state does not fit this run ({type(exc).__name__}: {exc}); the "
+                           f"state is corrupt or from another run: resume from an intact state or start a new "
+                           f"run") from None
+
+
+def _load_model_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise K2QuantError(f"{path}: cannot read the saved model ({exc}); the state is corrupt: resume from an "
+                           f"intact state or start a new run") from None
+
+
+def read_trainer(path: Path) -> dict:
+    """A trainer state file, loaded without pickle code execution (``weights_only=True``: tensors and plain
+    containers only; a file that needs anything else is refused, never run)."""
+    try:
+        tr = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - the unpickler raises many types; all mean "not a safe state file"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise K2QuantError(f"{path}: cannot be loaded as a k2quant trainer state with weights_only=True ({first}); "
+                           f"k2quant never unpickles code. The file is corrupt, crafted, or from a k2quant that "
+                           f"saved numpy objects: start a new run") from None
+    if not isinstance(tr, dict) or not {"step", "masters", "optimizer", "scheduler", "rng"} <= set(tr):
+        raise K2QuantError(f"{path}: not a k2quant trainer state (expected a dict with step, masters, optimizer, "
+                           f"scheduler and rng); resume from an intact state or start a new run")
+    return tr
 
 
 def prepare_out(out: Path, resuming: bool) -> None:

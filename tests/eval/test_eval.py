@@ -182,7 +182,7 @@ def test_vllm_arguments(eval_root):
     assert loaded.model == "vllm" and loaded.module is None
     assert loaded.model_args == {"pretrained": str(eval_root / "fp8"), "tokenizer": str(eval_root / "fp8"),
                                  "dtype": "auto", "max_model_len": 8192, "add_bos_token": True,
-                                 "trust_remote_code": True, "seed": 0, "tensor_parallel_size": 8,
+                                 "trust_remote_code": False, "seed": 0, "tensor_parallel_size": 8,
                                  "enable_expert_parallel": True, "gpu_memory_utilization": 0.9,
                                  "kv_cache_dtype": "fp8"}
     assert s.tasks == ("gsm8k", "mmlu")

@@ -188,7 +188,7 @@ def test_other_files_carried_and_source_untouched(tiny_dirs, tmp_path):
     (src / "extra").mkdir()
     (src / "extra" / "notes.txt").write_text("kept")
     digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.rglob("*") if p.is_file()}
-    run(src, tmp_path / "o", "int4")
+    run(src, tmp_path / "o", "int4", trust_remote_code=True)  # *.py is carried only when asked
     for name in ("tokenization_kimi.py", "tokenizer_config.json", "extra/notes.txt", "generation_config.json"):
         assert (tmp_path / "o" / name).read_bytes() == (src / name).read_bytes()
     assert digest == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.rglob("*") if p.is_file()}

@@ -136,8 +136,8 @@ def test_fsdp_resume_continues_to_the_same_bits(work, runs):
     b = load_file(str(state / qat_state.MODEL_FILE))
     assert all(torch.equal(a[k], b[k]) for k in a)
     for r in (0, 1):
-        ta = torch.load(root / "fsdp" / "state" / f"trainer.rank{r}-of-2.pt", weights_only=False)
-        tb = torch.load(state / f"trainer.rank{r}-of-2.pt", weights_only=False)
+        ta = torch.load(root / "fsdp" / "state" / f"trainer.rank{r}-of-2.pt", weights_only=True)
+        tb = torch.load(state / f"trainer.rank{r}-of-2.pt", weights_only=True)
         assert ta["masters"].keys() == tb["masters"].keys() and len(ta["masters"]) > 0
         assert all(torch.equal(ta["masters"][k], tb["masters"][k]) for k in ta["masters"])
 

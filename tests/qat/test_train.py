@@ -153,8 +153,8 @@ def test_resume_gives_the_same_final_weights(work, trained):
     a = load_file(str(Path(full_cfg.out) / "state" / qat_state.MODEL_FILE))
     b = load_file(str(root / "stopped" / "state" / qat_state.MODEL_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ta = torch.load(Path(full_cfg.out) / "state" / qat_state.TRAINER_FILE, weights_only=False)
-    tb = torch.load(root / "stopped" / "state" / qat_state.TRAINER_FILE, weights_only=False)
+    ta = torch.load(Path(full_cfg.out) / "state" / qat_state.TRAINER_FILE, weights_only=True)
+    tb = torch.load(root / "stopped" / "state" / qat_state.TRAINER_FILE, weights_only=True)
     assert all(torch.equal(ta["masters"][k], tb["masters"][k]) for k in ta["masters"])
 
 
