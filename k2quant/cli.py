@@ -63,9 +63,12 @@ def main() -> None:
 @click.option("--group-size", type=int, default=None, help="INT4 group size (default 32).")
 @click.option("--scale-rule", type=click.Choice(["library", "kimi"]), default=None,
               help="INT4 scales: library = compressed-tensors amax/7.5 (default); kimi = amax/7, codes -7..7.")
-@click.option("--targets", multiple=True, help="INT4 modules to quantize (name or re:regex, re.match). "
-              "Default: the routed experts.")
+@click.option("--targets", multiple=True, help="INT4 modules to quantize, as compressed-tensors reads them: Linear "
+              "(every Linear), a class name, an exact module name or re:regex (re.match). Default: the routed experts.")
 @click.option("--ignore", multiple=True, help="INT4 modules to leave BF16. Default: Kimi's four-entry list.")
+@click.option("--recipe", type=click.Choice(["experts", "linear", "mlp"]), default=None,
+              help="INT4 selection by name, read from the model: experts = routed experts only (K2-Thinking); "
+              "linear = every Linear but lm_head; mlp = MLPs and experts only.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Output shard size.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Output shards converted in parallel.")
 @click.option("--device", default="cpu", show_default=True, help="Where the kernels run (cpu, cuda, cuda:1).")
@@ -77,7 +80,7 @@ def main() -> None:
               "(torchrun sets RANK/WORLD_SIZE itself).")
 @click.option("--world-size", type=int, default=None, help="Number of ranks sharing the work.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
-def convert(src, dst, target, group_size, scale_rule, targets, ignore, max_shard_size, workers, device,
+def convert(src, dst, target, group_size, scale_rule, targets, ignore, recipe, max_shard_size, workers, device,
             kernel, force, resume, rank, world_size, as_json) -> None:
     """Convert checkpoint SRC into DST in another format (bf16, fp8, int4)."""
     from k2quant.formats import convert as conv
@@ -85,8 +88,10 @@ def convert(src, dst, target, group_size, scale_rule, targets, ignore, max_shard
 
     if target != "int4" and (group_size or scale_rule or targets or ignore):
         raise K2QuantError("--group-size/--scale-rule/--targets/--ignore apply to --to int4 only")
+    if target != "int4" and recipe:
+        raise K2QuantError(f"--recipe applies to --to int4 only; --to {target} quantizes every Linear but lm_head")
     scheme = plan.target_scheme(target, group_size, scale_rule, list(targets) or None,
-                                list(ignore) if ignore else None)
+                                list(ignore) if ignore else None, recipe, src)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[items]} modules"),
                DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     bar = Progress(*columns, console=console, disable=as_json)

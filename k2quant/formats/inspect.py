@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from k2quant.formats import layout, plan, shards, source
+from k2quant.errors import SchemeError
+from k2quant.formats import arch, layout, plan, shards, source
 from k2quant.formats.checkpoint import Checkpoint
 from k2quant.quant import int4_group
 
@@ -32,7 +33,7 @@ def inspect(path: str | Path, check_rule: int = 16) -> InspectReport:
     """Read headers (and, for INT4, ``check_rule`` modules' scales) and summarise the checkpoint."""
     ckpt = Checkpoint(path)
     src = source.detect(ckpt)
-    mods, loose = source.modules(ckpt, src)
+    mods, loose = source.modules(ckpt, src, arch.from_config(ckpt.config).is_linear)
     nl = ckpt.config.get("num_hidden_layers")
     classes: dict[str, dict] = {}
     for name, m in [(m.name + ".weight", m) for m in mods.values()] + [(n, None) for n in loose]:
@@ -42,7 +43,13 @@ def inspect(path: str | Path, check_rule: int = 16) -> InspectReport:
         c["params"] += m.shape[0] * m.shape[1] if m else infos[0].numel
         c["bytes"] += sum(i.nbytes for i in infos)
         c["dtypes"] = sorted(set(c["dtypes"]) | {i.dtype for i in infos})
-    sizes = {t: plan.make_plan(ckpt, t, plan.target_scheme(t)).dst_bytes for t in plan.TARGETS}
+    sizes = {}
+    for t in plan.TARGETS:
+        try:
+            sizes[t] = plan.make_plan(ckpt, t, plan.target_scheme(t)).dst_bytes
+        except SchemeError:  # the default INT4 selection (routed experts) is empty here: size every Linear instead
+            sizes[f"{t} (--recipe linear)"] = plan.make_plan(ckpt, t, plan.target_scheme(
+                t, recipe="linear", src=ckpt.path)).dst_bytes
     rule = int4_rule(ckpt, src, [m for m in mods.values() if m.rep == source.INT4], check_rule) \
         if src.name == "int4" else None
     return InspectReport(str(ckpt.path), src.name, ckpt.quantization_config, ckpt.config.get("model_type"),
