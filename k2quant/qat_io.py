@@ -47,7 +47,7 @@ def audit_int4(path: str | Path, scheme: QuantScheme) -> dict:
     same = {r: [0, 0] for r in int4_group.DIVISOR}  # rule -> [codes equal, scales equal]
     n_codes = n_scales = n = 0
     for mod in mods.values():
-        if mod.rep != source.INT4 or not scheme.matches(mod.name):
+        if mod.rep != source.INT4 or not scheme.matches(mod.name, ("Linear",)):
             continue
         q = int4_group.unpack(ckpt.read(mod.parts["packed"].name), mod.shape[-1])
         scale = ckpt.read(mod.parts["scale"].name)
