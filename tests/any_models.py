@@ -12,6 +12,10 @@ from helpers import words_text
 QWEN3_MOE = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
                  vocab_size=1024, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+#: a Mixtral: on disk its experts are ``block_sparse_moe.experts.E.w1/w2/w3``, in memory ``mlp.experts``
+MIXTRAL = dict(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               num_local_experts=4, num_experts_per_tok=2, vocab_size=1024, initializer_range=0.1, bos_token_id=1,
+               eos_token_id=2, pad_token_id=2)
 #: a Llama (SmolLM2's family) with tied embeddings and no experts
 LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=1024, tie_word_embeddings=True, initializer_range=0.1, bos_token_id=1, eos_token_id=2,
@@ -20,11 +24,12 @@ LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
 
 def build(path: Path, family: str, seed: int = 0, tokenizer: bool = True) -> Path:
     """``save_pretrained`` of a tiny ``family`` ("qwen3_moe", "llama") model in BF16, with a 1024-token BPE."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen3MoeConfig
 
     from k2quant import data
 
-    cfg = {"qwen3_moe": lambda: Qwen3MoeConfig(**QWEN3_MOE), "llama": lambda: LlamaConfig(**LLAMA)}[family]()
+    cfg = {"qwen3_moe": lambda: Qwen3MoeConfig(**QWEN3_MOE), "llama": lambda: LlamaConfig(**LLAMA),
+           "mixtral": lambda: MixtralConfig(**MIXTRAL)}[family]()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     model.save_pretrained(str(path))

@@ -21,7 +21,7 @@ import any_models
 from helpers import config, ct_int4_compress, ct_int4_decompress, read_all
 from k2quant import qat_io, qat_run
 from k2quant.cli import main
-from k2quant.errors import FormatError
+from k2quant.errors import FormatError, K2QuantError
 from k2quant.eval import measures
 from k2quant.formats import arch, convert, load, plan
 from k2quant.quant import int4_group
@@ -98,8 +98,15 @@ def _ct_fake_quant(w: torch.Tensor) -> torch.Tensor:
     return ct_int4_decompress(c["weight_packed"], c["weight_scale"], c["weight_shape"])
 
 
-def _independent_int4_experts(src: Path, dtype=torch.float32):
-    """transformers' Qwen3-MoE with each expert slice replaced by compressed-tensors' compress->decompress."""
+#: how each family stores expert e of the in-memory ``<layer>.mlp.experts`` on disk: (gate, up, down) names
+DISK_EXPERT = {"qwen3_moe": lambda layer, e: [f"{layer}.mlp.experts.{e}.{p}" for p in ("gate_proj", "up_proj",
+                                                                                         "down_proj")],
+               "mixtral": lambda layer, e: [f"{layer}.block_sparse_moe.experts.{e}.{p}" for p in ("w1", "w3", "w2")]}
+
+
+def _independent_int4_experts(src: Path, family: str = "qwen3_moe", dtype=torch.float32):
+    """transformers' own model with each expert slice replaced by compressed-tensors' compress->decompress
+    of the weight transformers saved under that expert's disk name."""
     model = transformers.AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype).eval()
     sd = read_all(src)
     with torch.no_grad():
@@ -107,9 +114,10 @@ def _independent_int4_experts(src: Path, dtype=torch.float32):
             if not hasattr(mod, "gate_up_proj"):
                 continue
             for e in range(mod.gate_up_proj.shape[0]):
-                fq = {p: _ct_fake_quant(sd[f"{name}.{e}.{p}.weight"]) for p in ("gate_proj", "up_proj", "down_proj")}
-                mod.gate_up_proj[e] = torch.cat([fq["gate_proj"], fq["up_proj"]]).to(dtype)
-                mod.down_proj[e] = fq["down_proj"].to(dtype)
+                layer = name.removesuffix(".mlp.experts")
+                gate, up, down = (_ct_fake_quant(sd[n + ".weight"]) for n in DISK_EXPERT[family](layer, e))
+                mod.gate_up_proj[e] = torch.cat([gate, up]).to(dtype)
+                mod.down_proj[e] = down.to(dtype)
     return model
 
 
@@ -163,6 +171,37 @@ def test_qwen3_moe_qat_exports_the_trained_fake_quant(qwen, tmp_path):
                 want = int4_group.dequantize(*int4_group.quantize_weight(w, scheme), scheme, torch.bfloat16)
                 mismatches += int((got != want).sum())
     assert mismatches == 0
+
+
+# -- Mixtral: experts stored under other names (block_sparse_moe.experts.E.w1/w2/w3) ------------------------------
+def test_mixtral_experts_found_from_the_model_convert_verify_eval(tmp_path):
+    src = any_models.build(tmp_path / "bf16", "mixtral")
+    code, msg = cli("convert", src, tmp_path / "d", "--to", "int4")
+    assert code == 2 and "Pass --recipe experts to select the routed experts from the model" in msg
+    assert cli("convert", src, tmp_path / "int4", "--to", "int4", "--recipe", "experts")[0] == 0
+    experts = {n[:-7] for n in any_models.saved_names(src) if ".experts." in n}
+    assert len(experts) == 2 * 4 * 3
+    assert _assert_config_matches_tensors(tmp_path / "int4", {n[:-7] for n in any_models.saved_names(src)
+                                                              if n.endswith("proj.weight") or ".experts." in n
+                                                              or n == "lm_head.weight"}) == experts
+    code, msg = cli("verify", src, tmp_path / "int4")
+    assert code == 0 and "OK" in msg, msg
+    text = tmp_path / "held.txt"
+    text.write_text(any_models.words_text(103, 400))
+    code, msg = cli("eval", src, tmp_path / "int4", "--tasks", "k2quant_ppl", "--text", text, "--limit", "1",
+                    "--max-length", "64", "--measure-tokens", "126", "--batch-size", "2", "--report", tmp_path / "r")
+    assert code == 0, msg
+    got = json.loads((tmp_path / "r" / "results.json").read_text())["direct"]["int4"]
+    windows = measures.token_windows(transformers.AutoTokenizer.from_pretrained(str(src)), [text.read_text()], 64, 126)
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    kl = _kl(base, _independent_int4_experts(src, "mixtral"), windows)
+    assert kl.mean().item() > 1e-5
+    assert got["kl_mean"] == pytest.approx(kl.mean().item(), rel=1e-3)
+    # qat's export writes split experts under DeepSeek-style names: refused up front for Mixtral's
+    cfg = qat_run.QatConfig(src=str(src), data=[str(text)], out=str(tmp_path / "q"), steps=1, seq_len=32,
+                            batch_size=2, targets=["MixtralExperts"], ignore=[])
+    with pytest.raises(K2QuantError, match="qat would export 'model.layers.0.mlp.experts.0.gate_proj' .and 23 more"):
+        qat_run.run(cfg)
 
 
 # -- Llama (no experts): recipes, fused groups, refusals ---------------------------------------------------------

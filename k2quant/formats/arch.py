@@ -37,13 +37,23 @@ class Arch:
     lm_head: str | None
     num_params: int
     num_layers: int | None
+    #: transformers' own renamings from checkpoint names to module names (Mixtral: block_sparse_moe -> mlp)
+    renames: tuple[tuple[str, str], ...] = ()
 
     def _in_skeleton(self, module: str) -> str:
-        """DeepSeek-V3's MTP layers (index >= num_hidden_layers) read as the last decoder layer."""
+        """The module name in the model: transformers' checkpoint renamings applied, and DeepSeek-V3's MTP
+        layers (index >= num_hidden_layers) read as the last decoder layer."""
+        for pattern, repl in self.renames:
+            module = re.sub(pattern, repl, module)
         m = _LAYER.match(module)
         if m and self.num_layers and int(m.group("i")) >= self.num_layers:
             return f"{m.group('head')}.{self.num_layers - 1}.{m.group('rest')}"
         return module
+
+    def past_last_layer(self, name: str) -> bool:
+        """A tensor of a layer the model does not build (DeepSeek-V3's MTP layer, index >= num_hidden_layers)."""
+        m = _LAYER.match(name)
+        return bool(m and self.num_layers and int(m.group("i")) >= self.num_layers)
 
     def expert_of(self, module: str) -> str | None:
         """The fused-experts container of a per-expert module name (``...experts.3.up_proj``), else None."""
@@ -114,7 +124,21 @@ def from_config(config: dict) -> Arch:
 def _cached(config_json: str) -> Arch:
     config = json.loads(config_json)
     model = skeleton(config)
-    return describe(model, config.get("num_hidden_layers"))
+    a = describe(model, config.get("num_hidden_layers"))
+    return dataclasses.replace(a, renames=_renames(a.model_type))
+
+
+def _renames(model_type: str) -> tuple[tuple[str, str], ...]:
+    """transformers' plain renamings of checkpoint names for this family (its fused-expert merges excepted)."""
+    try:
+        from transformers import conversion_mapping
+    except ImportError:  # a transformers without checkpoint conversion: names on disk are module names
+        return ()
+    out = []
+    for rule in conversion_mapping.get_checkpoint_conversion_mapping(model_type) or ():
+        if isinstance(rule, conversion_mapping.WeightRenaming):
+            out += [(src, dst) for src, dst in zip(rule.source_patterns, rule.target_patterns)]
+    return tuple(out)
 
 
 def describe(model, num_layers: int | None = None) -> Arch:

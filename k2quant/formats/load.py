@@ -92,8 +92,7 @@ def check_fits(path: str | Path, dtype: torch.dtype = torch.bfloat16, available:
 def _in_model(name: str, a: arch.Arch) -> bool:
     """Parameters the model holds (not MTP layers past ``num_hidden_layers``, not buffers such as DeepSeek's
     router bias, which transformers keeps out of ``parameters()``)."""
-    module = name.rsplit(".", 1)[0]
-    return a._in_skeleton(module) == module and not name.endswith("e_score_correction_bias")
+    return not a.past_last_layer(name) and not name.endswith("e_score_correction_bias")
 
 
 def model_class(config):
