@@ -14,6 +14,7 @@ import json
 import re
 
 from k2quant.errors import FormatError
+from k2quant.formats import layout
 
 #: model_type values that build as transformers' DeepseekV3 (Kimi's configs say kimi_k2)
 ALIASES = {"kimi_k2": "deepseek_v3"}
@@ -71,6 +72,12 @@ class Arch:
 
     def is_linear(self, module: str) -> bool:
         return self.kind(module) is not None
+
+    def report_class(self, name: str) -> str:
+        """``layout.tensor_class`` for reports, with experts the names do not tell (Mixtral's w1/w2/w3) found here."""
+        cls = layout.tensor_class(name, self.num_layers)
+        module = name.removesuffix(".weight")
+        return "routed_expert" if cls == "other" and self.kind(module) == EXPERT else cls
 
     def classes(self, module: str) -> tuple[str, ...]:
         """The class names a compressed-tensors target can name this module by (``Linear``, experts class)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from k2quant.errors import SchemeError
-from k2quant.formats import arch, layout, plan, shards, source
+from k2quant.formats import arch, plan, shards, source
 from k2quant.formats.checkpoint import Checkpoint
 from k2quant.quant import int4_group
 
@@ -33,12 +33,12 @@ def inspect(path: str | Path, check_rule: int = 16) -> InspectReport:
     """Read headers (and, for INT4, ``check_rule`` modules' scales) and summarise the checkpoint."""
     ckpt = Checkpoint(path)
     src = source.detect(ckpt)
-    mods, loose = source.modules(ckpt, src, arch.from_config(ckpt.config).is_linear)
-    nl = ckpt.config.get("num_hidden_layers")
+    a = arch.from_config(ckpt.config)
+    mods, loose = source.modules(ckpt, src, a.is_linear)
     classes: dict[str, dict] = {}
     for name, m in [(m.name + ".weight", m) for m in mods.values()] + [(n, None) for n in loose]:
         infos = list(m.parts.values()) if m else [ckpt.tensors[name]]
-        c = classes.setdefault(layout.tensor_class(name, nl), {"tensors": 0, "params": 0, "bytes": 0, "dtypes": []})
+        c = classes.setdefault(a.report_class(name), {"tensors": 0, "params": 0, "bytes": 0, "dtypes": []})
         c["tensors"] += len(infos)
         c["params"] += m.shape[0] * m.shape[1] if m else infos[0].numel
         c["bytes"] += sum(i.nbytes for i in infos)
