@@ -272,8 +272,9 @@ def test_config_that_does_not_match_the_tensors_is_refused_before_loading(llama,
     cfg = json.loads((bad / "config.json").read_text())
     cfg["num_hidden_layers"] = 30
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(FormatError, match=r"describes a LlamaForCausalLM with [\d,]+ parameters, but the weights on "
-                                          r"disk hold [\d,]+; the config does not belong to these weights"):
+    with pytest.raises(FormatError, match=r"describes a LlamaForCausalLM with [\d,]+ parameters \(and 0 saved buffer "
+                                          r"values\), but the weights on disk hold [\d,]+ values; the config does "
+                                          r"not belong to these weights"):
         load.load_model(bad)
     with pytest.raises(FormatError, match=r"needs about [\d.]+ GB .* but only 0.0 GB are free"):
         load.check_fits(llama, torch.float32, available=1000)

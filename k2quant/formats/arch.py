@@ -38,6 +38,7 @@ class Arch:
     lm_head: str | None
     num_params: int
     num_layers: int | None
+    num_buffer_values: int = 0  # persistent buffers (saved with the weights: DeepSeek's router bias)
     #: transformers' own renamings from checkpoint names to module names (Mixtral: block_sparse_moe -> mlp)
     renames: tuple[tuple[str, str], ...] = ()
 
@@ -161,8 +162,10 @@ def describe(model, num_layers: int | None = None) -> Arch:
             linears[name] = _linear_kind(name, lm_head, classes, attn)
         elif is_fused_experts(module):
             experts[name] = (type(module).__name__, int(module.gate_up_proj.shape[0]))
+    buffers = sum(b.numel() for m in model.modules() for n, b in m._buffers.items()
+                  if b is not None and n not in m._non_persistent_buffers_set)
     return Arch(type(model).__name__, getattr(model.config, "model_type", ""), linears, experts,
-                tuple(sorted(attn)), lm_head, sum(p.numel() for p in model.parameters()), num_layers)
+                tuple(sorted(attn)), lm_head, sum(p.numel() for p in model.parameters()), num_layers, buffers)
 
 
 def is_fused_experts(module) -> bool:

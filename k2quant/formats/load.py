@@ -75,11 +75,12 @@ def check_fits(path: str | Path, dtype: torch.dtype = torch.bfloat16, available:
     ckpt = Checkpoint(path)
     a = arch.from_config(ckpt.config)
     p = plan.make_plan(ckpt, "bf16", None, max_shard_size=1 << 62)
-    on_disk = sum(math.prod(e.shape) for it in p.items for e in it.entries if _in_model(e.name, a))
-    if a.num_params != on_disk:
-        raise FormatError(f"{ckpt.path}/config.json describes a {a.model_class} with {a.num_params:,} parameters, "
-                          f"but the weights on disk hold {on_disk:,}; the config does not belong to these weights "
-                          f"(or names another architecture): fix config.json before loading")
+    on_disk = sum(math.prod(e.shape) for it in p.items for e in it.entries if not a.past_last_layer(e.name))
+    if a.num_params + a.num_buffer_values != on_disk:
+        raise FormatError(f"{ckpt.path}/config.json describes a {a.model_class} with {a.num_params:,} parameters "
+                          f"(and {a.num_buffer_values:,} saved buffer values), but the weights on disk hold {on_disk:,} "
+                          f"values; the config does not belong to these weights (or names another architecture): "
+                          f"fix config.json before loading")
     need = a.num_params * dtype.itemsize + STATE_DICT_COPIES * p.dst_bytes
     available = available_memory() if available is None else available
     if available and need > available:
@@ -87,12 +88,6 @@ def check_fits(path: str | Path, dtype: torch.dtype = torch.bfloat16, available:
                           f"{need / 1e9:.1f} GB ({dtype.itemsize} B per parameter plus the dequantized weights), but "
                           f"only {available / 1e9:.1f} GB are free: use a machine with more memory, or the vllm backend")
     return a.num_params
-
-
-def _in_model(name: str, a: arch.Arch) -> bool:
-    """Parameters the model holds (not MTP layers past ``num_hidden_layers``, not buffers such as DeepSeek's
-    router bias, which transformers keeps out of ``parameters()``)."""
-    return not a.past_last_layer(name) and not name.endswith("e_score_correction_bias")
 
 
 def model_class(config):
