@@ -290,3 +290,14 @@ def test_k2_recipe_experts_writes_the_same_tensors_as_the_default(tiny_dirs, tmp
                                                                            "re:.*shared_experts.*",
                                                                            r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"]
     assert cli("verify", tiny_dirs["bf16"], tmp_path / "r")[0] == 0
+
+
+def test_config_that_would_not_match_the_tensors_is_refused_before_writing(llama, tmp_path, monkeypatch):
+    """The last guard: an ignore list that leaves an unquantized Linear to the loaders is refused, nothing written."""
+    monkeypatch.setattr(plan, "_int4_ignore", lambda scheme, items, arch: ["lm_head"])
+    code, msg = cli("convert", llama, tmp_path / "o", "--to", "int4", "--recipe", "mlp")
+    assert code == 2
+    assert ("the written config (targets ['Linear'], ignore ['lm_head']) would not match the tensors for 8 Linear "
+            "weights (loaders quantize every Linear not ignored), e.g. ['model.layers.0.self_attn.k_proj (plain)', "
+            "'model.layers.0.self_attn.o_proj (plain)', 'model.layers.0.self_attn.q_proj (plain)']") in msg
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

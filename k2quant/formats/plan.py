@@ -235,12 +235,13 @@ def _check_config_matches(ckpt: Checkpoint, config: dict, items: list[Item], arc
     """Loaders quantize every Linear their config does not ignore: the config must say exactly what is on disk."""
     holder = config.get("text_config", config) if "quantization_config" not in config else config
     ignore = tuple(holder["quantization_config"]["ignore"])
-    wrong = [f"{it.key} ({it.dst_rep})" for it in items if arch.is_linear(it.key)
-             and (it.dst_rep == source.INT4) != (not selection.matches(it.key, ignore, arch))]
+    wrong = sorted(f"{it.key} ({it.dst_rep})" for it in items if arch.is_linear(it.key)
+                   and (it.dst_rep == source.INT4) != (not selection.matches(it.key, ignore, arch)))
     if wrong:
         raise SchemeError(f"{ckpt.path}: the written config (targets ['Linear'], ignore {list(ignore)}) would not "
-                          f"match the tensors for {len(wrong)} Linear weights, e.g. {wrong[:3]}; nothing was "
-                          f"written: narrow --ignore so that it names no quantized module")
+                          f"match the tensors for {len(wrong)} Linear weights (loaders quantize every Linear not "
+                          f"ignored), e.g. {wrong[:3]}; nothing was written. This is a k2quant bug: please report it "
+                          f"with the command line")
 
 
 def _pack(items: list[Item], max_shard_size: int) -> list[list[int]]:
