@@ -209,11 +209,11 @@ def _check_selection(ckpt: Checkpoint, target: str, scheme: QuantScheme | None, 
     recipes = "--recipe linear (every Linear but lm_head) or --recipe mlp (MLPs and experts only)"
     if target == "fp8":
         raise SchemeError(f"{ckpt.path}: --to fp8 quantizes every Linear but lm_head, and {has}: nothing to quantize")
-    if selection.is_default(scheme) and not arch.experts:
+    experts = [m for m in linears if arch.kind(m) == farch.EXPERT]
+    if selection.is_default(scheme) and not experts:
         raise SchemeError(f"{ckpt.path}: --to int4 by default quantizes the routed experts only (the K2-Thinking "
                           f"layout), but {has} and no routed experts. Pass {recipes}, or --targets/--ignore")
     if selection.is_default(scheme):
-        experts = [m for m in linears if arch.kind(m) == farch.EXPERT]
         raise SchemeError(f"{ckpt.path}: --to int4 by default quantizes the routed experts by Kimi's names "
                           f"(mlp.experts.<e>.gate/up/down_proj), but {has}, named otherwise (e.g. {experts[0]}). "
                           f"Pass --recipe experts to select the routed experts from the model, or {recipes}")
