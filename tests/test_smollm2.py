@@ -58,7 +58,7 @@ def outs(smol, tmp_path_factory) -> dict[str, Path]:
 def held(tmp_path_factory) -> Path:
     """A short held-out Shakespeare scene (the start of the first document `k2quant eval` scores by default)."""
     path = tmp_path_factory.mktemp("text") / "held.txt"
-    path.write_text(sources.text_documents(None)[0]["text"][:3000])
+    path.write_text(sources.text_documents(None)[0]["text"][:1500])
     return path
 
 
