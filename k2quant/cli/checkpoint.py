@@ -16,7 +16,7 @@ from rich.table import Table
 from k2quant.cli.common import console, out
 from k2quant.cli.options import emit_json, human, json_option, name_list, parse_size
 from k2quant.errors import K2QuantError
-from k2quant.quant.names import CONVERT_INT4_RULE, FORMATS, INT4_GROUP_SIZE, INT4_RULES, KERNELS
+from k2quant.quant.names import CONVERT_INT4_RULE, FORMATS, INT4_GROUP_SIZE, INT4_RULES, KERNELS, RECIPES
 
 @click.command()
 @click.argument("src", type=click.Path(file_okay=False, path_type=str))
@@ -26,9 +26,13 @@ from k2quant.quant.names import CONVERT_INT4_RULE, FORMATS, INT4_GROUP_SIZE, INT
 @click.option("--scale-rule", type=click.Choice(INT4_RULES), default=None,
               help=f"INT4 scales: library = compressed-tensors amax/7.5; kimi = K2-Thinking's amax/7, codes -7..7 "
                    f"(default {CONVERT_INT4_RULE}).")
-@click.option("--targets", multiple=True, help="INT4 modules to quantize (name or re:regex, re.match). "
+@click.option("--targets", multiple=True, help="INT4 modules to quantize, as compressed-tensors reads them: Linear "
+              "(every Linear), a class name, an exact module name or re:regex (re.match); repeatable. "
               "Default: the routed experts.")
 @click.option("--ignore", multiple=True, help="INT4 modules to leave BF16. Default: Kimi's four-entry list.")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
+              help="INT4 selection by name, read from the model: experts = routed experts only (K2-Thinking); "
+              "linear = every Linear but lm_head; mlp = MLPs and experts only.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Output shard size.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Output shards converted in parallel.")
 @click.option("--device", default="cpu", show_default=True, help="Where the kernels run (cpu, cuda, cuda:1).")
@@ -44,16 +48,20 @@ from k2quant.quant.names import CONVERT_INT4_RULE, FORMATS, INT4_GROUP_SIZE, INT
 @click.option("--trust-remote-code", is_flag=True, help="Also copy SRC's *.py files (code that loaders run with "
               "trust_remote_code); off by default.")
 @json_option("conversion summary")
-def convert(src, dst, target, group_size, scale_rule, targets, ignore, max_shard_size, workers, device,
+def convert(src, dst, target, group_size, scale_rule, targets, ignore, recipe, max_shard_size, workers, device,
             kernel, force, resume, rank, world_size, wait_timeout, trust_remote_code, as_json) -> None:
     """Convert checkpoint SRC into DST in another format (bf16, fp8, int4)."""
     from k2quant.formats import convert as conv
+    from k2quant.formats import selection
     from k2quant.quant.scheme import for_target
 
     if target != "int4" and (group_size or scale_rule or targets or ignore):
         raise K2QuantError("--group-size/--scale-rule/--targets/--ignore apply to --to int4 only")
-    scheme = for_target(target, group_size, scale_rule, name_list("--targets", targets),
-                        name_list("--ignore", ignore) if ignore else None)
+    if target != "int4" and recipe:
+        raise K2QuantError(f"--recipe applies to --to int4 only; --to {target} quantizes every Linear but lm_head")
+    targets, ignore = selection.with_recipe(recipe, src, name_list("--targets", targets),
+                                            name_list("--ignore", ignore) if ignore else None)
+    scheme = for_target(target, group_size, scale_rule, targets, ignore)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[items]} modules"),
                DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     bar = Progress(*columns, console=console, disable=as_json == "-")

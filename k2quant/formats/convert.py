@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 
 from k2quant.errors import FormatError, OutputError
-from k2quant.formats import layout, output, shards, source
+from k2quant.formats import arch, output, shards, source
 from k2quant.formats.checkpoint import Checkpoint
 from k2quant.formats.plan import DEFAULT_MAX_SHARD, Item, Plan, make_plan
 from k2quant.quant import dispatch
@@ -454,10 +454,10 @@ def _stop(pool: cf.ProcessPoolExecutor, futures: list[cf.Future], jobs: list[Sha
 
 def _report(ckpt: Checkpoint, plan: Plan, dst: Path, seconds: float, workers: int, kernel: str, kept: int,
             group: output.Group) -> ConvertReport:
-    nl = ckpt.config.get("num_hidden_layers")
+    a = arch.from_config(ckpt.config)
     by_class: dict[str, dict[str, int]] = {}
     for it in plan.items:
-        c = by_class.setdefault(layout.tensor_class(it.tensor_name, nl), {"count": 0, "bytes_in": 0, "bytes_out": 0})
+        c = by_class.setdefault(a.report_class(it.tensor_name), {"count": 0, "bytes_in": 0, "bytes_out": 0})
         c["count"] += 1
         c["bytes_in"] += it.src_bytes
         c["bytes_out"] += it.dst_bytes

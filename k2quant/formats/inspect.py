@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from k2quant.formats import layout, plan, shards, source
+from k2quant.errors import SchemeError
+from k2quant.formats import arch, plan, selection, shards, source
 from k2quant.formats.checkpoint import Checkpoint
 from k2quant.quant import int4_group
 from k2quant.quant.names import FORMATS, INT4_RULES
@@ -34,17 +35,24 @@ def inspect(path: str | Path, check_rule: int = 16) -> InspectReport:
     """Read headers (and, for INT4, ``check_rule`` modules' scales) and summarise the checkpoint."""
     ckpt = Checkpoint(path)
     src = source.detect(ckpt)
-    mods, loose = source.modules(ckpt, src)
-    nl = ckpt.config.get("num_hidden_layers")
+    a = arch.from_config(ckpt.config)
+    mods, loose = source.modules(ckpt, src, a.is_linear)
     classes: dict[str, dict] = {}
     for name, m in [(m.name + ".weight", m) for m in mods.values()] + [(n, None) for n in loose]:
         infos = list(m.parts.values()) if m else [ckpt.tensors[name]]
-        c = classes.setdefault(layout.tensor_class(name, nl), {"tensors": 0, "params": 0, "bytes": 0, "dtypes": []})
+        c = classes.setdefault(a.report_class(name), {"tensors": 0, "params": 0, "bytes": 0, "dtypes": []})
         c["tensors"] += len(infos)
         c["params"] += m.shape[0] * m.shape[1] if m else infos[0].numel
         c["bytes"] += sum(i.nbytes for i in infos)
         c["dtypes"] = sorted(set(c["dtypes"]) | {i.dtype for i in infos})
-    sizes = {t: plan.make_plan(ckpt, t, for_target(t)).dst_bytes for t in FORMATS}
+    sizes = {}
+    for t in FORMATS:
+        try:
+            sizes[t] = plan.make_plan(ckpt, t, for_target(t)).dst_bytes
+        except SchemeError:  # the default INT4 selection (routed experts) is empty here: size every Linear instead
+            targets, ignore = selection.with_recipe("linear", ckpt.path)
+            sizes[f"{t} (--recipe linear)"] = plan.make_plan(ckpt, t, for_target(t, targets=targets,
+                                                                                  ignore=ignore)).dst_bytes
     rule = int4_rule(ckpt, src, [m for m in mods.values() if m.rep == source.INT4], check_rule) \
         if src.name == "int4" else None
     return InspectReport(str(ckpt.path), src.name, ckpt.quantization_config, ckpt.config.get("model_type"),

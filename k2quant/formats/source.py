@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from k2quant.errors import FormatError, collect
 from k2quant.formats import deepseek_fp8, layout
@@ -91,8 +92,12 @@ def _ints(value: object, n: int, where: object, key: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def modules(ckpt: Checkpoint, src: SourceFormat) -> tuple[dict[str, Module], list[str]]:
-    """Group tensors into quantized/plain modules; return ``(modules, loose tensor names)``."""
+def modules(ckpt: Checkpoint, src: SourceFormat,
+            is_linear: Callable[[str], bool] = layout.is_int4_candidate) -> tuple[dict[str, Module], list[str]]:
+    """Group tensors into quantized/plain modules; return ``(modules, loose tensor names)``.
+
+    ``is_linear`` says which plain 2-D weights are Linear layers (``arch.Arch.is_linear`` of the model);
+    the default knows Kimi/DeepSeek names only."""
     t = ckpt.tensors
     problems: list[str] = []
     mods: dict[str, Module] = {}
@@ -143,7 +148,7 @@ def modules(ckpt: Checkpoint, src: SourceFormat) -> tuple[dict[str, Module], lis
         if name in used:
             continue
         m = name[: -len(".weight")] if name.endswith(".weight") else None
-        if m and len(info.shape) == 2 and info.dtype in ("BF16", "F16", "F32") and layout.is_int4_candidate(m):
+        if m and len(info.shape) == 2 and info.dtype in ("BF16", "F16", "F32") and is_linear(m):
             mods[m] = Module(m, PLAIN, info.shape, {"weight": info})
             used.add(name)
     loose = [n for n in t if n not in used]

@@ -10,7 +10,7 @@ from torch import nn
 
 from k2quant.errors import K2QuantError
 from k2quant.formats import load
-from k2quant.qat import wrap
+from k2quant.qat import weights, wrap
 from k2quant.qat.config import QatConfig
 from k2quant.quant.scheme import QuantScheme
 
@@ -32,6 +32,7 @@ def build_models(cfg: QatConfig, scheme: QuantScheme, with_teacher: bool = True)
     if not holders:
         raise K2QuantError(f"{cfg.src}: no weight matches the targets {list(scheme.targets)} minus ignore "
                            f"{list(scheme.ignore)}; nothing would be fake-quantized: check --targets/--ignore")
+    _check_export_names(cfg.src, student)
     for h in holders:  # targeted holders keep fp32 masters; the forward casts through fake quant
         module = student.get_submodule(h.name)
         for p in (wrap.EXPERT_PROJ if h.experts else ("weight",)):
@@ -45,6 +46,19 @@ def build_models(cfg: QatConfig, scheme: QuantScheme, with_teacher: bool = True)
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     return student, teacher
+
+
+def _check_export_names(src: str, model: nn.Module) -> None:
+    """The export writes each targeted weight under its module name (fused experts split as
+    ``<experts>.<e>.{gate,up,down}_proj``): refuse a family whose checkpoint stores them otherwise (Mixtral's
+    ``block_sparse_moe.experts.<e>.w1``), before training, rather than export names no loader reads."""
+    stored = load.stored_dtypes(src)
+    odd = [name for name, _, _ in weights.targeted(model) if name + ".weight" not in stored]
+    if odd:
+        raise K2QuantError(f"{src}: qat would export {odd[0]!r} (and {len(odd) - 1} more), but the checkpoint stores "
+                           f"no such tensor: {type(model).__name__} names its weights on disk otherwise, which qat "
+                           f"export does not map back yet; narrow --targets to modules stored under their own names "
+                           f"(e.g. --targets Linear --ignore lm_head --ignore 're:.*experts.*')")
 
 
 def targeted_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -22,7 +22,7 @@ from torch import nn
 from k2quant.errors import K2QuantError
 from k2quant.formats import load, source
 from k2quant.formats.checkpoint import Checkpoint
-from k2quant.qat import dist, export, state, weights
+from k2quant.qat import dist, export, state, weights, wrap
 from k2quant.qat.config import QatConfig, QatReport
 from k2quant.qat.data import batch_indices, datasets
 from k2quant.qat.losses import TopkTeacher, eval_batches, evaluate, losses
@@ -54,17 +54,17 @@ class ExpertCounter:
     def __init__(self, model: nn.Module):
         self.counts: dict[str, torch.Tensor] = {}
         self.armed = False
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in model.named_modules()
-                        if hasattr(m, "e_score_correction_bias") and hasattr(m, "top_k")]
+        # transformers' fused experts of any family receive (hidden_states, top_k_index [T, k], top_k_weights)
+        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in model.named_modules()
+                        if wrap.is_fused_experts(m)]
         self.handles += [model.register_forward_pre_hook(lambda *_: setattr(self, "armed", True)),
                          model.register_forward_hook(lambda *_: setattr(self, "armed", False), always_call=True)]
 
     def _hook(self, name: str):
-        def hook(module, args, output) -> None:
+        def hook(module, args) -> None:
             if not self.armed:
                 return
-            idx = output[2]  # (router_logits, topk_weights, topk_indices [T, k])
-            c = torch.bincount(idx.reshape(-1), minlength=module.num_experts)
+            c = torch.bincount(args[1].reshape(-1), minlength=module.gate_up_proj.shape[0])
             self.counts[name] = self.counts.get(name, 0) + c
         return hook
 
@@ -72,7 +72,7 @@ class ExpertCounter:
         """The counts (summed over processes when ``accelerator`` runs several), and a fresh start."""
         if accelerator is not None and accelerator.num_processes > 1:
             self.counts = {n: accelerator.reduce(c.to(accelerator.device), "sum").cpu() for n, c in self.counts.items()}
-        out = {n.removesuffix(".mlp.gate"): c.tolist() for n, c in self.counts.items()}
+        out = {n.removesuffix(".experts").removesuffix(".mlp"): c.tolist() for n, c in self.counts.items()}
         self.counts = {}
         return out
 

@@ -1,8 +1,10 @@
-"""Put fake quantization on a transformers DeepseekV3 model's targeted weights, and take it off.
+"""Put fake quantization on a transformers model's targeted weights, and take it off.
 
-Targets are chosen by the scheme (``QuantScheme.matches``) on Kimi's per-expert module names
-(``model.layers.L.mlp.experts.E.{gate,up,down}_proj``), exactly as convert chooses them, so the
-fake-quantized set and the exported INT4 set are the same. Two kinds of holder:
+Targets are chosen by the scheme (``QuantScheme.matches``) on the per-expert module names the checkpoint
+stores (``model.layers.L.mlp.experts.E.{gate,up,down}_proj``) and on Linear names, with the class names
+compressed-tensors matches (``Linear``, the experts class such as ``Qwen3MoeExperts``), exactly as convert
+chooses them, so the fake-quantized set and the exported INT4 set are the same. Any transformers model with
+these modules works (DeepSeek-V3/Kimi, Qwen3-MoE, Llama, ...). Two kinds of holder:
 
 - transformers 5's fused experts (``gate_up_proj [E, 2I, H]``, gate rows first, ``down_proj [E, H, I]``):
   the forward is replaced by the same eager loop, in which each *hit* expert's slice is fake-quantized
@@ -57,7 +59,7 @@ def _expert_targets(name: str, module: nn.Module, scheme: QuantScheme) -> dict[s
     for param, projs in EXPERT_PROJ.items():
         hit = []
         for e in range(getattr(module, param).shape[0]):
-            flags = [scheme.matches(f"{name}.{e}.{p}") for p in projs]
+            flags = [scheme.matches(f"{name}.{e}.{p}", ("Linear", type(module).__name__)) for p in projs]
             if any(flags) and not all(flags):
                 problems.append(f"{name}.{e}: gate_proj and up_proj are stored fused ({name}.{param}); both must "
                                 f"be targeted or both ignored, found {dict(zip(projs, flags))}: adjust --targets/--ignore")
@@ -80,7 +82,7 @@ def prepare(model: nn.Module, scheme: QuantScheme) -> list[Holder]:
             experts = _expert_targets(name, module, scheme)
             if experts:
                 holders.append(_attach(module, Holder(name, scheme, experts), _experts_forward))
-        elif isinstance(module, nn.Linear) and scheme.matches(name):
+        elif isinstance(module, nn.Linear) and scheme.matches(name, ("Linear",)):
             holders.append(_attach(module, Holder(name, scheme, {}), _linear_forward))
     return holders
 

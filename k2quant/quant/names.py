@@ -37,3 +37,10 @@ ROUTED_EXPERTS = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
 
 #: kernel choices: fast = compiled CPU kernels (numba), reference = pure torch (any device)
 KERNELS: tuple[str, ...] = ("auto", "fast", "reference")
+
+#: --recipe: named selections, resolved on each model's own architecture (formats.selection)
+RECIPES: dict[str, str] = {
+    "experts": "routed experts only (the K2-Thinking layout; what --to int4 does by default)",
+    "linear": "every Linear but lm_head (attention, MLPs, shared and routed experts)",
+    "mlp": "MLPs and experts only: dense MLPs, shared and routed experts; attention and lm_head stay BF16",
+}

@@ -72,20 +72,24 @@ class QuantScheme:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    def matches(self, module: str) -> bool:
-        """True when ``module`` is targeted and not ignored (``re.match`` semantics, like the loaders)."""
-        return match_any(module, self.targets) and not match_any(module, self.ignore)
+    def matches(self, module: str, classes: tuple[str, ...] = ()) -> bool:
+        """True when ``module`` is targeted and not ignored (``re.match`` semantics, like the loaders).
+
+        ``classes``: the class names the module answers to (``("Linear",)``, an experts class), so that a
+        plain target such as ``Linear`` selects every module of that class, as compressed-tensors does."""
+        return match_any(module, self.targets, classes) and not match_any(module, self.ignore, classes)
 
 
-def match_name(name: str, pattern: str) -> bool:
-    """compressed-tensors / vLLM matching: ``re:`` is ``re.match`` (start-anchored), else equality."""
+def match_name(name: str, pattern: str, classes: tuple[str, ...] = ()) -> bool:
+    """compressed-tensors / vLLM matching: ``re:`` is ``re.match`` (start-anchored), else the exact module
+    name or one of the module's class names."""
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
-    return name == pattern
+    return name == pattern or pattern in classes
 
 
-def match_any(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
-    return any(match_name(name, p) for p in patterns)
+def match_any(name: str, patterns: tuple[str, ...] | list[str], classes: tuple[str, ...] = ()) -> bool:
+    return any(match_name(name, p, classes) for p in patterns)
 
 
 SCHEMES: dict[str, QuantScheme] = {

@@ -1,0 +1,190 @@
+"""What each tensor of a checkpoint is, learned from the checkpoint's own architecture.
+
+transformers builds the model its ``config.json`` describes on the meta device (no weights, no memory,
+no remote code): every ``nn.Linear`` module, every fused-experts module (3-D ``gate_up_proj``/``down_proj``
+parameters, stored on disk per expert as ``<experts>.<e>.<proj>``), the output embeddings, and the parameter
+count. ``kimi_k2`` builds as ``deepseek_v3``. Layers past ``num_hidden_layers`` (DeepSeek-V3's MTP layer)
+are read as the last decoder layer, which they copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+
+from k2quant.errors import FormatError
+from k2quant.formats import layout
+
+#: model_type values that build as transformers' DeepseekV3 (Kimi's configs say kimi_k2)
+ALIASES = {"kimi_k2": "deepseek_v3"}
+#: config keys transformers must not see: quantization is k2quant's business, remote code is never run
+DROP_KEYS = ("quantization_config", "compression_config", "auto_map")
+_PER_EXPERT = re.compile(r"^(?P<container>.+)\.(?P<e>\d+)\.(?P<leaf>[^.]+)$")
+_LAYER = re.compile(r"^(?P<head>.*?\blayers)\.(?P<i>\d+)\.(?P<rest>.+)$")
+
+ATTENTION, MLP, EXPERT, LM_HEAD, OTHER = "attention", "mlp", "routed_expert", "lm_head", "other"
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """The Linear layers of a model as named on disk, each with its kind, and the fused-expert containers."""
+
+    model_class: str
+    model_type: str
+    linears: dict[str, str]  # nn.Linear module name -> kind (attention, mlp, lm_head, other)
+    experts: dict[str, tuple[str, int]]  # fused experts module -> (class name, num_experts)
+    attention_modules: tuple[str, ...]  # child names of decoder layers that hold attention (e.g. self_attn)
+    lm_head: str | None
+    num_params: int
+    num_layers: int | None
+    num_buffer_values: int = 0  # persistent buffers (saved with the weights: DeepSeek's router bias)
+    #: transformers' own renamings from checkpoint names to module names (Mixtral: block_sparse_moe -> mlp)
+    renames: tuple[tuple[str, str], ...] = ()
+
+    def _in_skeleton(self, module: str) -> str:
+        """The module name in the model: transformers' checkpoint renamings applied, and DeepSeek-V3's MTP
+        layers (index >= num_hidden_layers) read as the last decoder layer."""
+        for pattern, repl in self.renames:
+            module = re.sub(pattern, repl, module)
+        m = _LAYER.match(module)
+        if m and self.num_layers and int(m.group("i")) >= self.num_layers:
+            return f"{m.group('head')}.{self.num_layers - 1}.{m.group('rest')}"
+        return module
+
+    def past_last_layer(self, name: str) -> bool:
+        """A tensor of a layer the model does not build (DeepSeek-V3's MTP layer, index >= num_hidden_layers)."""
+        m = _LAYER.match(name)
+        return bool(m and self.num_layers and int(m.group("i")) >= self.num_layers)
+
+    def expert_of(self, module: str) -> str | None:
+        """The fused-experts container of a per-expert module name (``...experts.3.up_proj``), else None."""
+        m = _PER_EXPERT.match(self._in_skeleton(module))
+        if m and m.group("container") in self.experts and int(m.group("e")) < self.experts[m.group("container")][1]:
+            return m.group("container")
+        return None
+
+    def kind(self, module: str) -> str | None:
+        """attention / mlp / routed_expert / lm_head / other for a Linear module name; None if not a Linear."""
+        module = self._in_skeleton(module)
+        if module in self.linears:
+            return self.linears[module]
+        return EXPERT if self.expert_of(module) else None
+
+    def is_linear(self, module: str) -> bool:
+        return self.kind(module) is not None
+
+    def report_class(self, name: str) -> str:
+        """``layout.tensor_class`` for reports, with experts the names do not tell (Mixtral's w1/w2/w3) found here."""
+        cls = layout.tensor_class(name, self.num_layers)
+        module = name.removesuffix(".weight")
+        return "routed_expert" if cls == "other" and self.kind(module) == EXPERT else cls
+
+    def classes(self, module: str) -> tuple[str, ...]:
+        """The class names a compressed-tensors target can name this module by (``Linear``, experts class)."""
+        container = self.expert_of(module)
+        if container:
+            return ("Linear", self.experts[container][0])
+        return ("Linear",) if self.is_linear(module) else ()
+
+
+def hf_config_dict(config: dict) -> dict:
+    """The config as transformers should read it: no quantization block, no remote code, Kimi as DeepSeek-V3."""
+    cfg = {k: v for k, v in config.items() if k not in DROP_KEYS}
+    cfg["model_type"] = ALIASES.get(cfg.get("model_type"), cfg.get("model_type"))
+    if config.get("model_type") in ALIASES:
+        cfg.pop("architectures", None)
+    return cfg
+
+
+def hf_config(config: dict):
+    """A transformers config object for ``config`` (a ``config.json`` dict); unknown types are an error."""
+    from transformers import AutoConfig
+
+    cfg = hf_config_dict(config)
+    model_type = cfg.pop("model_type", None)
+    try:
+        return AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"config.json: model_type {model_type!r} is not an architecture this transformers knows "
+                          f"({exc}); k2quant runs no remote code: use a transformers release that has it") from exc
+
+
+def skeleton(config: dict):
+    """The model ``config`` describes, built on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(hf_config(config))
+        except ValueError as exc:
+            raise FormatError(f"config.json: transformers has no causal-LM class for model_type "
+                              f"{config.get('model_type')!r} ({exc}); k2quant runs no remote code") from exc
+
+
+def from_config(config: dict) -> Arch:
+    """The ``Arch`` of a ``config.json`` dict (cached per config)."""
+    return _cached(json.dumps(config, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached(config_json: str) -> Arch:
+    config = json.loads(config_json)
+    model = skeleton(config)
+    a = describe(model, config.get("num_hidden_layers"))
+    return dataclasses.replace(a, renames=_renames(a.model_type))
+
+
+def _renames(model_type: str) -> tuple[tuple[str, str], ...]:
+    """transformers' plain renamings of checkpoint names for this family (its fused-expert merges excepted)."""
+    try:
+        from transformers import conversion_mapping
+    except ImportError:  # a transformers without checkpoint conversion: names on disk are module names
+        return ()
+    out = []
+    for rule in conversion_mapping.get_checkpoint_conversion_mapping(model_type) or ():
+        if isinstance(rule, conversion_mapping.WeightRenaming):
+            out += [(src, dst) for src, dst in zip(rule.source_patterns, rule.target_patterns)]
+    return tuple(out)
+
+
+def describe(model, num_layers: int | None = None) -> Arch:
+    """Read a (meta or real) transformers model: its Linears with kinds, and its fused experts."""
+    from torch import nn
+
+    out = model.get_output_embeddings()
+    lm_head = next((n for n, m in model.named_modules() if out is not None and m is out), None)
+    classes = {n: type(m).__name__ for n, m in model.named_modules()}
+    linears, experts, attn = {}, {}, set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            linears[name] = _linear_kind(name, lm_head, classes, attn)
+        elif is_fused_experts(module):
+            experts[name] = (type(module).__name__, int(module.gate_up_proj.shape[0]))
+    buffers = sum(b.numel() for m in model.modules() for n, b in m._buffers.items()
+                  if b is not None and n not in m._non_persistent_buffers_set)
+    return Arch(type(model).__name__, getattr(model.config, "model_type", ""), linears, experts,
+                tuple(sorted(attn)), lm_head, sum(p.numel() for p in model.parameters()), num_layers, buffers)
+
+
+def is_fused_experts(module) -> bool:
+    """transformers 5's fused MoE experts: 3-D ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``."""
+    from torch import nn
+
+    return all(isinstance(getattr(module, p, None), nn.Parameter) and getattr(module, p).dim() == 3
+               for p in ("gate_up_proj", "down_proj"))
+
+
+def _linear_kind(name: str, lm_head: str | None, classes: dict[str, str], attn: set[str]) -> str:
+    if name == lm_head:
+        return LM_HEAD
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[:i])
+        if classes.get(parent, "").endswith("Attention"):
+            attn.add(parts[i - 1])
+            return ATTENTION
+        if classes.get(parent, "").endswith("DecoderLayer"):
+            return MLP
+    return OTHER
