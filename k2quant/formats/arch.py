@@ -103,11 +103,15 @@ def hf_config(config: dict):
 
     cfg = hf_config_dict(config)
     model_type = cfg.pop("model_type", None)
+    if not isinstance(model_type, str) or not model_type:
+        raise FormatError(f"config.json: no model_type (found {model_type!r}); k2quant learns what each tensor is "
+                          f"from the architecture config.json names: restore config.json from the model's release")
     try:
         return AutoConfig.for_model(model_type, **cfg)
     except (ValueError, KeyError, TypeError) as exc:
+        first = str(exc).split(". Should contain one of")[0][:200]  # not transformers' list of every model type
         raise FormatError(f"config.json: model_type {model_type!r} is not an architecture this transformers knows "
-                          f"({exc}); k2quant runs no remote code: use a transformers release that has it") from exc
+                          f"({first}); k2quant runs no remote code: use a transformers release that has it") from exc
 
 
 def skeleton(config: dict):
@@ -120,7 +124,7 @@ def skeleton(config: dict):
             return AutoModelForCausalLM.from_config(hf_config(config))
         except ValueError as exc:
             raise FormatError(f"config.json: transformers has no causal-LM class for model_type "
-                              f"{config.get('model_type')!r} ({exc}); k2quant runs no remote code") from exc
+                              f"{config.get('model_type')!r} ({str(exc)[:200]}); k2quant runs no remote code") from exc
 
 
 def from_config(config: dict) -> Arch:

@@ -46,13 +46,18 @@ def inspect(path: str | Path, check_rule: int = 16) -> InspectReport:
         c["bytes"] += sum(i.nbytes for i in infos)
         c["dtypes"] = sorted(set(c["dtypes"]) | {i.dtype for i in infos})
     sizes = {}
-    for t in FORMATS:
+    for t in FORMATS:  # a format with nothing to quantize in this checkpoint is left out
         try:
             sizes[t] = plan.make_plan(ckpt, t, for_target(t)).dst_bytes
-        except SchemeError:  # the default INT4 selection (routed experts) is empty here: size every Linear instead
-            targets, ignore = selection.with_recipe("linear", ckpt.path)
-            sizes[f"{t} (--recipe linear)"] = plan.make_plan(ckpt, t, for_target(t, targets=targets,
-                                                                                  ignore=ignore)).dst_bytes
+        except SchemeError:
+            if t != "int4":
+                continue
+            try:  # the default INT4 selection (routed experts) is empty here: size every Linear instead
+                targets, ignore = selection.with_recipe("linear", ckpt.path)
+                sizes[f"{t} (--recipe linear)"] = plan.make_plan(ckpt, t, for_target(t, targets=targets,
+                                                                                      ignore=ignore)).dst_bytes
+            except SchemeError:
+                continue
     rule = int4_rule(ckpt, src, [m for m in mods.values() if m.rep == source.INT4], check_rule) \
         if src.name == "int4" else None
     return InspectReport(str(ckpt.path), src.name, ckpt.quantization_config, ckpt.config.get("model_type"),

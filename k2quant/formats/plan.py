@@ -12,7 +12,7 @@ from pathlib import Path
 from k2quant.errors import SchemeError, collect
 from k2quant.formats import arch as farch
 from k2quant.formats import bf16, ct_int4, deepseek_fp8, selection, source
-from k2quant.formats.checkpoint import Checkpoint
+from k2quant.formats.checkpoint import CONFIG, Checkpoint
 from k2quant.formats.shards import Entry, TensorInfo
 from k2quant.quant.scheme import KIMI_INT4_IGNORE, QuantScheme
 
@@ -186,10 +186,10 @@ def _check_selection(ckpt: Checkpoint, target: str, scheme: QuantScheme | None, 
         raise SchemeError(f"{ckpt.path}: --to fp8 quantizes every Linear but lm_head, and {has}: nothing to quantize")
     experts = [m for m in linears if arch.kind(m) == farch.EXPERT]
     if selection.is_default(scheme) and not experts:
-        raise SchemeError(f"{ckpt.path}: --to int4 by default quantizes the routed experts only (the K2-Thinking "
-                          f"layout), but {has} and no routed experts. Pass {recipes}, or --targets/--ignore")
+        raise SchemeError(f"{ckpt.path / CONFIG}: --to int4 by default quantizes the routed experts only (the "
+                          f"K2-Thinking layout), but {has} and no routed experts. Pass {recipes}, or --targets/--ignore")
     if selection.is_default(scheme):
-        raise SchemeError(f"{ckpt.path}: --to int4 by default quantizes the routed experts by Kimi's names "
+        raise SchemeError(f"{ckpt.path / CONFIG}: --to int4 by default quantizes the routed experts by Kimi's names "
                           f"(mlp.experts.<e>.gate/up/down_proj), but {has}, named otherwise (e.g. {experts[0]}). "
                           f"Pass --recipe experts to select the routed experts from the model, or {recipes}")
     hit = [m for m in linears if selection.matches(m, scheme.targets, arch)]
