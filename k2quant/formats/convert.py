@@ -414,8 +414,16 @@ def _run_jobs(jobs: list[ShardJob], workers: int, progress: Progress | None) -> 
     jobs = [dataclasses.replace(j, threads=threads) for j in jobs]
     ctx = multiprocessing.get_context("spawn")
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
-    futures = [pool.submit(run_shard, job) for job in jobs]
+    futures: list[cf.Future] = []
     try:
+        # submit spawns the workers: they start with SIGINT blocked (the mask survives exec), so a Ctrl-C
+        # while one is still importing stays pending until _worker_init ignores it; here it is delivered
+        # on unblock, and the parent alone stops everything
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            futures = [pool.submit(run_shard, job) for job in jobs]
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         for fut in cf.as_completed(futures):
             rec = fut.result()
             if progress:
@@ -430,7 +438,8 @@ def _run_jobs(jobs: list[ShardJob], workers: int, progress: Progress | None) -> 
 def _worker_init() -> None:
     # Ctrl-C reaches the whole process group: the parent alone handles it (and stops the workers), so a
     # worker never dies half-way inside the executor's machinery
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # discards a Ctrl-C pending since the spawn
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _stop(pool: cf.ProcessPoolExecutor, futures: list[cf.Future], jobs: list[ShardJob]) -> None:
