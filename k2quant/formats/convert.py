@@ -12,6 +12,7 @@ manifest, config and index once every shard has its record.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import errno
 import multiprocessing
@@ -416,14 +417,8 @@ def _run_jobs(jobs: list[ShardJob], workers: int, progress: Progress | None) -> 
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
     futures: list[cf.Future] = []
     try:
-        # submit spawns the workers: they start with SIGINT blocked (the mask survives exec), so a Ctrl-C
-        # while one is still importing stays pending until _worker_init ignores it; here it is delivered
-        # on unblock, and the parent alone stops everything
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
+        with _signals_deferred():  # submit spawns the workers
             futures = [pool.submit(run_shard, job) for job in jobs]
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         for fut in cf.as_completed(futures):
             rec = fut.result()
             if progress:
@@ -433,6 +428,29 @@ def _run_jobs(jobs: list[ShardJob], workers: int, progress: Progress | None) -> 
         _stop(pool, futures, jobs)
         raise
     pool.shutdown()
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while workers are spawned, then deliver them.
+
+    Interrupted half-way through a spawn, a worker reads truncated start-up data and prints a traceback.
+    SIGINT is blocked, so the workers start with it blocked (the mask survives exec) and a Ctrl-C sent to
+    the whole group stays pending in them until ``_worker_init`` ignores it; the parent records both
+    signals and re-raises them afterwards, so its own handlers (the CLI's: stop everything) run then.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    got: list[int] = []
+    old = {s: signal.signal(s, lambda n, f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(got):
+            signal.raise_signal(s)
 
 
 def _worker_init() -> None:
