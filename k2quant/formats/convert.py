@@ -12,6 +12,7 @@ manifest, config and index once every shard has its record.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import errno
 import multiprocessing
@@ -414,8 +415,10 @@ def _run_jobs(jobs: list[ShardJob], workers: int, progress: Progress | None) -> 
     jobs = [dataclasses.replace(j, threads=threads) for j in jobs]
     ctx = multiprocessing.get_context("spawn")
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
-    futures = [pool.submit(run_shard, job) for job in jobs]
+    futures: list[cf.Future] = []
     try:
+        with _signals_deferred():  # submit spawns the workers
+            futures = [pool.submit(run_shard, job) for job in jobs]
         for fut in cf.as_completed(futures):
             rec = fut.result()
             if progress:
@@ -427,10 +430,34 @@ def _run_jobs(jobs: list[ShardJob], workers: int, progress: Progress | None) -> 
     pool.shutdown()
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while workers are spawned, then deliver them.
+
+    Interrupted half-way through a spawn, a worker reads truncated start-up data and prints a traceback.
+    SIGINT is blocked, so the workers start with it blocked (the mask survives exec) and a Ctrl-C sent to
+    the whole group stays pending in them until ``_worker_init`` ignores it; the parent records both
+    signals and re-raises them afterwards, so its own handlers (the CLI's: stop everything) run then.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    got: list[int] = []
+    old = {s: signal.signal(s, lambda n, f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(got):
+            signal.raise_signal(s)
+
+
 def _worker_init() -> None:
     # Ctrl-C reaches the whole process group: the parent alone handles it (and stops the workers), so a
     # worker never dies half-way inside the executor's machinery
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # discards a Ctrl-C pending since the spawn
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _stop(pool: cf.ProcessPoolExecutor, futures: list[cf.Future], jobs: list[ShardJob]) -> None:

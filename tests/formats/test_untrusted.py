@@ -436,8 +436,11 @@ def big(tmp_path_factory):
     return src, conv(src, root / "ref", "fp8", max_shard_size=1_000_000)
 
 
-@pytest.mark.parametrize("sig,group", [(signal.SIGINT, True), (signal.SIGTERM, False)])
-def test_interrupt_with_workers_stops_everything_and_resume_finishes(big, tmp_path, sig, group):
+@pytest.mark.parametrize("sig,group,early", [(signal.SIGINT, True, False), (signal.SIGTERM, False, False),
+                                             (signal.SIGINT, True, True)])
+def test_interrupt_with_workers_stops_everything_and_resume_finishes(big, tmp_path, sig, group, early):
+    """Ctrl-C (to the whole process group, as a terminal sends it) or SIGTERM (to the parent), while the
+    workers write shards or (early) while they are still starting."""
     src, ref = big
     dst = tmp_path / "o"
     args = [sys.executable, "-m", "k2quant", "convert", str(src), str(dst), "--to", "fp8", "--workers", "2",
@@ -446,8 +449,9 @@ def test_interrupt_with_workers_stops_everything_and_resume_finishes(big, tmp_pa
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     deadline = time.monotonic() + 120
-    while not list(dst.glob("*.k2q-tmp")) and time.monotonic() < deadline:  # workers are writing shards
-        time.sleep(0.05)
+    busy = (lambda: len(_children(proc.pid)) >= 2) if early else (lambda: list(dst.glob("*.k2q-tmp")))
+    while not busy() and time.monotonic() < deadline:
+        time.sleep(0.01)
     workers = _children(proc.pid)
     assert workers and not (dst / INDEX).exists()
     (os.killpg if group else os.kill)(proc.pid, sig)  # a terminal's Ctrl-C reaches the whole group

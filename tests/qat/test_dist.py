@@ -47,8 +47,8 @@ def _cfg(root: Path, src: Path, out: str, **kw) -> qat_config.QatConfig:
 def _torchrun(cfg: qat_config.QatConfig, mode: str, resume: Path | None = None) -> list[dict]:
     cfg_file = Path(cfg.out + f".{mode}.json")
     cfg_file.write_text(json.dumps(dataclasses.asdict(cfg)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(WORKER.parent.parent), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join([str(WORKER.parents[1]), str(WORKER.parents[2])])  # tests/ and this checkout's k2quant
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
