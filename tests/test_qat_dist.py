@@ -42,7 +42,9 @@ def _cfg(root: Path, src: Path, out: str, **kw) -> qat_run.QatConfig:
 def _torchrun(cfg: qat_run.QatConfig, mode: str, resume: Path | None = None) -> list[dict]:
     cfg_file = Path(cfg.out + f".{mode}.json")
     cfg_file.write_text(json.dumps(dataclasses.asdict(cfg)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    # keep the caller's PYTHONPATH after the tests dir: a worktree run on a shared venv must import this checkout
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(WORKER.parent), os.environ.get("PYTHONPATH")) if p)}
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
