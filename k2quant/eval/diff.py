@@ -15,7 +15,7 @@ import torch
 
 from k2quant.eval.report import json_number
 from k2quant.errors import FormatError, collect
-from k2quant.formats import convert, layout, plan
+from k2quant.formats import items, layout, plan
 from k2quant.formats.checkpoint import Checkpoint
 
 #: progress(tensors done, tensors total)
@@ -118,9 +118,9 @@ def iter_pairs(a: str | Path, b: str | Path) -> Iterator[tuple[str, torch.Tensor
     _check_names(ca, cb, [e for it in pa.items for e in it.entries], where)
     pending: dict[str, torch.Tensor] = {}
     for it in pa.items:
-        for name, ta in convert.run_item(it, pa.source_format, None).items():
+        for name, ta in items.run_item(it, pa.source_format, None).items():
             if name not in pending:
-                pending |= convert.run_item(where[name], pb.source_format, None)
+                pending |= items.run_item(where[name], pb.source_format, None)
             yield name, ta, pending.pop(name)
 
 

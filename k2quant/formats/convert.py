@@ -25,8 +25,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from k2quant.errors import FormatError, OutputError
-from k2quant.formats import arch, output, shards, source
+from k2quant.errors import OutputError
+from k2quant.formats import arch, items, output, shards, source
 from k2quant.formats.checkpoint import Checkpoint
 from k2quant.formats.plan import DEFAULT_MAX_SHARD, Item, Plan, make_plan
 from k2quant.quant import dispatch
@@ -34,9 +34,6 @@ from k2quant.quant.scheme import QuantScheme
 
 #: progress(items_done, source_bytes_done) increments
 Progress = Callable[[int, int], None]
-CHUNK_ELEMS = 1 << 24  # elements per row chunk of a big tensor
-PREFETCH_BYTES = 256 << 20  # items up to this size are read whole, one item ahead
-RAW_CHUNK = 64 << 20  # passthrough copies move this many bytes at a time
 
 
 @dataclasses.dataclass
@@ -61,155 +58,6 @@ class ConvertReport:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
-
-
-# -- one item ------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class _Ctx:
-    src: source.SourceFormat
-    scheme: QuantScheme | None
-    ops: dispatch.Ops
-    device: str
-
-
-class _Reader:
-    """Rows of an item's source tensors: from a prefetched copy, or read from disk on demand."""
-
-    def __init__(self, item: Item, data: dict[str, torch.Tensor] | None):
-        self.item, self.data = item, data
-
-    def rows(self, role: str, r0: int, r1: int) -> torch.Tensor:
-        if self.data is not None:
-            return self.data[role][r0:r1]
-        return shards.read_rows(self.item.part(role), r0, r1)
-
-    def whole(self, role: str) -> torch.Tensor:
-        return self.data[role] if self.data is not None else shards.read_tensor(self.item.part(role))
-
-
-def prefetch(item: Item) -> dict[str, torch.Tensor] | None:
-    """The item's source tensors, whole, when the item is small enough to hold one ahead."""
-    if item.src_bytes > PREFETCH_BYTES:
-        return None
-    return {role: shards.read_tensor(info) for role, info in item.sources}
-
-
-def _chunks(item: Item, ctx: _Ctx) -> list[tuple[int, int]]:
-    n, k = item.shape
-    align = 1
-    for sch, rep in ((ctx.src.scheme, item.stored_rep), (ctx.scheme, item.dst_rep)):
-        if rep == source.FP8:
-            align = max(align, sch.block_size[0])  # tiles never split across chunks
-    rows = max(align, (CHUNK_ELEMS // max(k, 1)) // align * align)
-    return [(r, min(r + rows, n)) for r in range(0, n, rows)]
-
-
-def _fp8_rows(item: Item, rd: _Reader, ctx: _Ctx, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
-    bn = ctx.src.scheme.block_size[0]
-    q = rd.rows("weight", r0, r1).to(ctx.device)
-    if ctx.ops.count_nonfinite(q):
-        w = item.part("weight")
-        raise FormatError(f"{w.file}: FP8 weight {w.name!r} holds NaN codes (0x7f/0xff); the checkpoint is "
-                          f"corrupt: re-download this shard")
-    scale = rd.rows("scale", r0 // bn, -(-r1 // bn)).to(ctx.device).to(torch.float32)
-    bad = ctx.ops.count_nonfinite(scale)
-    if bad:  # every path sees this: FP8 -> BF16, and the fused FP8 -> INT4 kernels
-        s = item.part("scale")
-        raise FormatError(f"{s.file}: FP8 scale {s.name!r} holds {bad} NaN/Inf tiles (rows {r0}..{r1} of the "
-                          f"weight); the checkpoint is corrupt: re-download this shard")
-    return q, scale
-
-
-def _decode_rows(item: Item, rd: _Reader, ctx: _Ctx, r0: int, r1: int) -> torch.Tensor:
-    """Rows ``r0:r1`` of the item's float weight (stored plain as is, quantized ones dequantized to BF16)."""
-    rep = item.stored_rep
-    if rep == source.FP8:
-        return ctx.ops.fp8_decode(*_fp8_rows(item, rd, ctx, r0, r1), ctx.src.scheme)
-    if rep == source.INT4:
-        packed, scale = rd.rows("packed", r0, r1).to(ctx.device), rd.rows("scale", r0, r1).to(ctx.device)
-        return ctx.ops.int4_decode(packed, scale, item.shape[1], ctx.src.scheme)
-    role = item.sources[0][0]
-    return rd.rows(role, r0, r1).to(ctx.device)
-
-
-def _check_int4_shape(item: Item, rd: _Reader) -> None:
-    shape = tuple(int(d) for d in rd.whole("shape").tolist())
-    if shape != tuple(item.shape):
-        info = item.part("shape")
-        raise FormatError(f"{info.file}: {info.name!r} says {list(shape)} but the packed codes and scales hold "
-                          f"{list(item.shape)}; the checkpoint is inconsistent")
-
-
-def _check_finite(item: Item, w: torch.Tensor, ops: dispatch.Ops) -> None:
-    bad = ops.count_nonfinite(w)
-    if bad:
-        info = item.sources[0][1]
-        raise FormatError(f"{info.file}: weight {item.key}.weight holds {bad} NaN/Inf values and cannot be "
-                          f"quantized; fix the source weights or keep this module unquantized with --ignore {item.key}")
-
-
-def _passthrough(item: Item, rd: _Reader) -> Iterator[tuple[str, object]]:
-    for entry, (role, info) in zip(item.entries, item.sources):
-        if entry.dtype != info.dtype:  # e.g. a BF16 compressed-tensors FP8 scale written as F32 (exact)
-            yield entry.name, rd.whole(role).to(shards.DTYPES[entry.dtype])
-        elif rd.data is not None:
-            yield entry.name, rd.data[role]
-        else:
-            for off in range(0, info.nbytes, RAW_CHUNK):
-                yield entry.name, shards.read_bytes(info, off, min(RAW_CHUNK, info.nbytes - off))
-
-
-def pieces(item: Item, ctx: _Ctx, data: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, object]]:
-    """The item's output as ``(entry name, tensor chunk or raw bytes)`` in write order."""
-    rd = _Reader(item, data)
-    if item.passthrough:
-        yield from _passthrough(item, rd)
-        return
-    if item.stored_rep == source.INT4:
-        _check_int4_shape(item, rd)
-    names = [e.name for e in item.entries]
-    scales = []
-    fused = item.stored_rep == source.FP8 and item.dst_rep == source.INT4
-    for r0, r1 in _chunks(item, ctx):
-        if fused:
-            packed, scale = ctx.ops.fp8_to_int4(*_fp8_rows(item, rd, ctx, r0, r1), ctx.src.scheme, ctx.scheme)
-            yield names[0], packed.cpu()
-            scales.append(scale.cpu())
-            continue
-        w = _decode_rows(item, rd, ctx, r0, r1)
-        if item.dst_rep == source.PLAIN:
-            yield names[0], w.to(shards.DTYPES[item.entries[0].dtype]).cpu()
-            continue
-        _check_finite(item, w, ctx.ops)
-        encode = ctx.ops.fp8_encode if item.dst_rep == source.FP8 else ctx.ops.int4_encode
-        q, scale = encode(w, ctx.scheme)
-        yield names[0], q.cpu()
-        scales.append(scale.cpu())
-    if item.dst_rep == source.FP8:
-        yield names[1], torch.cat(scales).to(torch.float32)
-    elif item.dst_rep == source.INT4:
-        yield names[1], torch.cat(scales).to(torch.bfloat16)
-        yield names[2], torch.tensor(list(item.shape), dtype=torch.int64)
-
-
-def run_item(item: Item, src: source.SourceFormat, scheme: QuantScheme | None, device: str = "cpu",
-             kernel: str = "reference") -> dict[str, torch.Tensor]:
-    """The output tensors of one item, whole, by name (for loaders and tests; convert streams ``pieces``)."""
-    ctx = _Ctx(src, scheme, dispatch.ops(kernel, device), device)
-    parts: dict[str, list] = {}
-    for name, chunk in pieces(item, ctx, prefetch(item)):
-        parts.setdefault(name, []).append(chunk)
-    return {e.name: _assemble(e, parts.get(e.name, [])) for e in item.entries}
-
-
-def _assemble(e: shards.Entry, chunks: list) -> torch.Tensor:
-    """One entry from its pieces: row chunks of a tensor, or raw byte chunks of a passthrough copy."""
-    if chunks and isinstance(chunks[0], torch.Tensor):
-        return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).reshape(e.shape)
-    raw = b"".join(chunks)
-    if not raw:
-        return torch.empty(e.shape, dtype=shards.DTYPES[e.dtype])
-    return torch.frombuffer(bytearray(raw), dtype=shards.DTYPES[e.dtype]).reshape(e.shape)
 
 
 # -- one shard -----------------------------------------------------------------------------------
@@ -261,16 +109,16 @@ def run_shard(job: ShardJob, progress: Progress | None = None) -> dict:
     """Write one output shard (temp name, then rename). Returns its record (inputs, sha256, bytes)."""
     if job.threads:
         torch.set_num_threads(job.threads)
-    ctx = _Ctx(job.src, job.scheme, dispatch.ops(job.kernel, job.device), job.device)
+    ctx = items.Ctx(job.src, job.scheme, dispatch.ops(job.kernel, job.device), job.device)
     writer = shards.ShardWriter(job.path, [e for it in job.items for e in it.entries])
     out = _AsyncWriter(writer)
     try:
         with cf.ThreadPoolExecutor(1) as reader:
-            ahead = reader.submit(prefetch, job.items[0]) if job.items else None
+            ahead = reader.submit(items.prefetch, job.items[0]) if job.items else None
             for i, it in enumerate(job.items):
                 data = ahead.result()
-                ahead = reader.submit(prefetch, job.items[i + 1]) if i + 1 < len(job.items) else None
-                for name, chunk in pieces(it, ctx, data):
+                ahead = reader.submit(items.prefetch, job.items[i + 1]) if i + 1 < len(job.items) else None
+                for name, chunk in items.pieces(it, ctx, data):
                     out.put(name, chunk)
                 if progress:
                     progress(1, it.src_bytes)

@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 
 from k2quant.errors import FormatError, K2QuantError
-from k2quant.formats import arch, convert, plan
+from k2quant.formats import arch, items, plan
 from k2quant.formats.checkpoint import Checkpoint
 from k2quant.formats.shards import DTYPES
 
@@ -29,7 +29,7 @@ def iter_dequantized(path: str | Path, device: str = "cpu") -> Iterator[tuple[st
     ckpt = Checkpoint(path)
     p = plan.make_plan(ckpt, "bf16", None, max_shard_size=1 << 62)
     for item in p.items:
-        yield from convert.run_item(item, p.source_format, None, device).items()
+        yield from items.run_item(item, p.source_format, None, device).items()
 
 
 def stored_dtypes(path: str | Path) -> dict[str, torch.dtype]:

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from k2quant.errors import FormatError, K2QuantError
-from k2quant.formats import convert, layout, output, plan, shards, source
+from k2quant.formats import items, layout, output, plan, shards, source
 from k2quant.formats.checkpoint import INDEX, Checkpoint
 from k2quant.quant import dispatch, fp8_block, int4_group
 from k2quant.quant import scheme as qscheme
@@ -83,8 +83,8 @@ def verify(src: str | Path, dst: str | Path, progress: Callable[[int, int], None
     _check_layout(s_plan, d_ck, problems)
     _check_index(d_ck, problems)
     d_items = {it.key: it for it in d_plan.items}
-    ctxs = (convert._Ctx(s_plan.source_format, None, dispatch.REFERENCE, "cpu"),
-            convert._Ctx(d_plan.source_format, None, dispatch.REFERENCE, "cpu"))
+    ctxs = (items.Ctx(s_plan.source_format, None, dispatch.REFERENCE, "cpu"),
+            items.Ctx(d_plan.source_format, None, dispatch.REFERENCE, "cpu"))
     for it in s_plan.items:
         d_it = d_items.get(it.key)
         if d_it is not None and d_it.src_rep == it.dst_rep and not _missing(it, d_ck):
@@ -178,18 +178,18 @@ def _check_values(it: plan.Item, d_it: plan.Item, ctxs, problems: _Problems, sta
         return
     if d_it.src_rep == source.INT4:
         try:
-            convert._check_int4_shape(d_it, convert._Reader(d_it, None))
+            items.check_int4_shape(d_it, items.Reader(d_it, None))
         except K2QuantError as exc:
             problems.add(d_file, name, str(exc))
             return
     worst = 0.0
     rules = set(_rules(d_it, d_ctx)) if it.dst_rep != source.PLAIN else set()
     try:
-        for r0, r1 in convert._chunks(it, s_ctx if it.dst_rep == source.PLAIN else
+        for r0, r1 in items.chunks(it, s_ctx if it.dst_rep == source.PLAIN else
                                       dataclasses.replace(s_ctx, scheme=d_ctx.src.scheme)):
-            w_src = convert._decode_rows(it, convert._Reader(it, None), s_ctx, r0, r1)
+            w_src = items.decode_rows(it, items.Reader(it, None), s_ctx, r0, r1)
             w = w_src.float()
-            deq = convert._decode_rows(d_it, convert._Reader(d_it, None), d_ctx, r0, r1).float()
+            deq = items.decode_rows(d_it, items.Reader(d_it, None), d_ctx, r0, r1).float()
             if it.dst_rep == source.PLAIN:
                 if not torch.equal(w, deq):
                     problems.add(d_file, name, "differs from the exact dequantization of the source")
@@ -265,8 +265,8 @@ def _bytes_equal(src_info: shards.TensorInfo, d_it: plan.Item, name: str) -> boo
     d_info = next((i for _, i in d_it.sources if i.name == name), None)
     if d_info is None or d_info.nbytes != src_info.nbytes:
         return False
-    for off in range(0, src_info.nbytes, convert.RAW_CHUNK):
-        n = min(convert.RAW_CHUNK, src_info.nbytes - off)
+    for off in range(0, src_info.nbytes, items.RAW_CHUNK):
+        n = min(items.RAW_CHUNK, src_info.nbytes - off)
         if shards.read_bytes(src_info, off, n) != shards.read_bytes(d_info, off, n):
             return False
     return True
