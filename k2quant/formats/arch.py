@@ -91,8 +91,12 @@ class Arch:
 def hf_config_dict(config: dict) -> dict:
     """The config as transformers should read it: no quantization block, no remote code, Kimi as DeepSeek-V3."""
     cfg = {k: v for k, v in config.items() if k not in DROP_KEYS}
-    cfg["model_type"] = ALIASES.get(cfg.get("model_type"), cfg.get("model_type"))
-    if config.get("model_type") in ALIASES:
+    model_type = cfg.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise FormatError(f"config.json: model_type is {model_type!r}; k2quant learns what each tensor is from the "
+                          f"architecture config.json names: restore config.json from the model's release")
+    cfg["model_type"] = ALIASES.get(model_type, model_type)
+    if model_type in ALIASES:
         cfg.pop("architectures", None)
     return cfg
 
@@ -103,15 +107,14 @@ def hf_config(config: dict):
 
     cfg = hf_config_dict(config)
     model_type = cfg.pop("model_type", None)
-    if not isinstance(model_type, str) or not model_type:
-        raise FormatError(f"config.json: no model_type (found {model_type!r}); k2quant learns what each tensor is "
-                          f"from the architecture config.json names: restore config.json from the model's release")
+    if model_type not in _known_model_types():
+        raise FormatError(f"config.json: model_type {model_type!r} is not an architecture this transformers knows; "
+                          f"k2quant runs no remote code: use a transformers release that has it")
     try:
         return AutoConfig.for_model(model_type, **cfg)
-    except (ValueError, KeyError, TypeError) as exc:
-        first = str(exc).split(". Should contain one of")[0][:200]  # not transformers' list of every model type
-        raise FormatError(f"config.json: model_type {model_type!r} is not an architecture this transformers knows "
-                          f"({first}); k2quant runs no remote code: use a transformers release that has it") from exc
+    except Exception as exc:  # noqa: BLE001 - transformers validates the untrusted config with many error types
+        raise FormatError(f"config.json: transformers refuses this {model_type} config ({_first_line(exc)}); "
+                          f"restore config.json from the model's release") from None
 
 
 def skeleton(config: dict):
@@ -120,11 +123,27 @@ def skeleton(config: dict):
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
+        hf = hf_config(config)
         try:
-            return AutoModelForCausalLM.from_config(hf_config(config))
-        except ValueError as exc:
-            raise FormatError(f"config.json: transformers has no causal-LM class for model_type "
-                              f"{config.get('model_type')!r} ({str(exc)[:200]}); k2quant runs no remote code") from exc
+            return AutoModelForCausalLM.from_config(hf)
+        except FormatError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - building the model runs the untrusted config's values
+            raise FormatError(f"config.json: transformers cannot build a causal LM from this "
+                              f"{config.get('model_type')!r} config ({_first_line(exc)}); restore config.json from "
+                              f"the model's release (k2quant runs no remote code)") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+@functools.cache
+def _known_model_types() -> frozenset[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return frozenset(CONFIG_MAPPING.keys())
 
 
 def from_config(config: dict) -> Arch:

@@ -57,6 +57,9 @@ class Checkpoint:
                 raise FormatError(f"{idx}: not a valid index (need a 'weight_map' object, found "
                                   f"{type(wm).__name__}); {fix}, or delete it if the directory has a single "
                                   f"model.safetensors")
+            if not wm:
+                raise FormatError(f"{idx}: weight_map is empty (the index lists no tensor); {fix}, or delete it if "
+                                  f"the directory has a single model.safetensors")
             bad = sorted({repr(v) for v in wm.values() if not _plain_shard_name(v)})
             if bad:
                 raise FormatError(f"{idx}: weight_map names {', '.join(bad[:5])}; every value must be the file name "
