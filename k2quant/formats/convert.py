@@ -27,7 +27,7 @@ from k2quant.errors import FormatError, OutputError
 from k2quant.formats import layout, output, shards, source
 from k2quant.formats.checkpoint import Checkpoint
 from k2quant.formats.plan import DEFAULT_MAX_SHARD, Item, Plan, make_plan
-from k2quant.quant import dispatch
+from k2quant.quant import dispatch, int4_group
 from k2quant.quant.scheme import QuantScheme
 
 #: progress(items_done, source_bytes_done) increments
@@ -67,6 +67,8 @@ class _Ctx:
     scheme: QuantScheme | None
     ops: dispatch.Ops
     device: str
+    calibrated: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # key -> (codes, scale) of GPTQ
+
 
 
 class _Reader:
@@ -159,6 +161,12 @@ def pieces(item: Item, ctx: _Ctx, data: dict[str, torch.Tensor] | None = None) -
     if item.stored_rep == source.INT4:
         _check_int4_shape(item, rd)
     names = [e.name for e in item.entries]
+    if item.dst_rep == source.INT4 and ctx.calibrated and item.key in ctx.calibrated:
+        q, scale = ctx.calibrated[item.key]  # codes chosen by calibration (GPTQ), not by rounding here
+        yield names[0], int4_group.pack(q)
+        yield names[1], scale.to(torch.bfloat16)
+        yield names[2], torch.tensor(list(item.shape), dtype=torch.int64)
+        return
     scales = []
     fused = item.stored_rep == source.FP8 and item.dst_rep == source.INT4
     for r0, r1 in _chunks(item, ctx):
@@ -213,6 +221,7 @@ class ShardJob:
     device: str = "cpu"
     kernel: str = "auto"
     threads: int = 0  # torch/numba threads in a worker process (0: leave as is)
+    calibrated: dict | None = None  # key -> (codes, scale) chosen by calibration (in-process runs only)
 
 
 class _AsyncWriter:
@@ -252,7 +261,7 @@ def run_shard(job: ShardJob, progress: Progress | None = None) -> dict:
     """Write one output shard (temp name, then rename). Returns its record (inputs, sha256, bytes)."""
     if job.threads:
         torch.set_num_threads(job.threads)
-    ctx = _Ctx(job.src, job.scheme, dispatch.ops(job.kernel, job.device), job.device)
+    ctx = _Ctx(job.src, job.scheme, dispatch.ops(job.kernel, job.device), job.device, job.calibrated)
     writer = shards.ShardWriter(job.path, [e for it in job.items for e in it.entries])
     out = _AsyncWriter(writer)
     try:
