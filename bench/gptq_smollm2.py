@@ -28,7 +28,7 @@ import torch
 
 from k2quant.eval import data
 from k2quant.formats import calibrate, convert, load
-from k2quant.quant import gptq
+from k2quant.quant import gptq, int4_group
 from k2quant.quant import scheme as qscheme
 
 SMOLLM2 = "SmolLM2-135M-Instruct-bf16"
@@ -157,6 +157,83 @@ def run(out: Path, names: list[str], scale_rule: str) -> None:
     print(table(results))
 
 
+SWEEP = {
+    "rtn": None,
+    "static": gptq.GPTQConfig(),
+    "act-order": gptq.GPTQConfig(act_order=True),
+    "lazy": gptq.GPTQConfig(scales="lazy"),
+    "damp0.1": gptq.GPTQConfig(damp=0.1),
+    "damp0.3": gptq.GPTQConfig(damp=0.3),
+    "diag-reg0.25": gptq.GPTQConfig(diag_reg=0.25),
+    "mse": gptq.GPTQConfig(scales="mse"),
+    "mse+damp0.1": gptq.GPTQConfig(scales="mse", damp=0.1),
+    "act-order+mse": gptq.GPTQConfig(act_order=True, scales="mse"),
+}
+
+
+def _bf16_statistics(model, ids: torch.Tensor, batch: int = 8) -> dict[str, torch.Tensor]:
+    """``sum x x^T`` of every decoder ``*_proj`` input, from the BF16 model (one pass, no propagation)."""
+    stats, hooks = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.endswith("_proj"):
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, a, n=name: stats.__setitem__(n, gptq.hessian(a[0], stats.get(n)))))
+    with torch.no_grad():
+        for b0 in range(0, len(ids), batch):
+            model.model(ids[b0:b0 + batch])
+    for h in hooks:
+        h.remove()
+    return stats
+
+
+def sweep(out: Path, names: list[str], n_eval: int, scale_rule: str) -> None:
+    """The settings compared cheaply: statistics from the BF16 model once, every variant's GPTQ on them, each
+    scored on the first ``n_eval`` evaluation sequences of each domain (the full driver propagates quantized
+    activations; this sweep ranks the settings)."""
+    from safetensors.torch import load_file
+
+    src = smollm2()
+    model = _model(src, None)
+    ids = load_file(str(out / "calib_ids.safetensors"))["input_ids"]
+    t0 = time.perf_counter()
+    stats = _bf16_statistics(model, ids)
+    print(f"statistics: {time.perf_counter() - t0:.1f} s", flush=True)
+    orig = {n: dict(model.named_modules())[n].weight.detach().clone() for n in stats}
+    evals = {k: v[:n_eval] for k, v in load_file(str(out / "eval_ids.safetensors")).items()}
+    base = {d: _logprobs(model, x) for d, x in evals.items()}
+    sch = qscheme.for_target("int4", scale_rule=scale_rule, targets=TARGETS, ignore=["lm_head"])
+    results = {}
+    for name in names:
+        cfg, t0 = SWEEP[name], time.perf_counter()
+        for n, w in orig.items():
+            w16 = w.to(torch.bfloat16)
+            q, sc = int4_group.quantize_weight(w16, sch) if cfg is None else gptq.quantize(w16, stats[n], sch, cfg)
+            dict(model.named_modules())[n].weight.data.copy_(int4_group.dequantize(q, sc, sch).float())
+        secs = time.perf_counter() - t0
+        results[name] = {"seconds_quantize": round(secs, 1)} | {d: _kl_ppl(model, x, base[d]) for d, x in evals.items()}
+        print(name, json.dumps(results[name]), flush=True)
+    (out / f"sweep-{scale_rule}.json").write_text(json.dumps(results, indent=1))
+    print(table(results))
+
+
+def _logprobs(model, ids: torch.Tensor, batch: int = 4) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [torch.log_softmax(model(ids[b:b + batch]).logits[:, :-1].float(), -1)
+                for b in range(0, len(ids), batch)]
+
+
+def _kl_ppl(model, ids: torch.Tensor, base: list[torch.Tensor], batch: int = 4) -> dict:
+    kl = nll = 0.0
+    with torch.no_grad():
+        for i, b in enumerate(range(0, len(ids), batch)):
+            x = ids[b:b + batch]
+            lp = torch.log_softmax(model(x).logits[:, :-1].float(), -1)
+            kl += float((base[i].exp() * (base[i] - lp)).sum())
+            nll += float(-lp.gather(-1, x[:, 1:, None]).sum())
+    n = ids[:, 1:].numel()
+    return {"kl": kl / n, "ppl": math.exp(nll / n), "tokens": n}
+
+
 def table(results: dict) -> str:
     rows = ["| method | Shakespeare KL | Shakespeare ppl | Python manual KL | Python manual ppl | time (s) |",
             "|---|---|---|---|---|---|"]
@@ -169,7 +246,7 @@ def table(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("prepare", "run"))
+    ap.add_argument("stage", choices=("prepare", "run", "sweep"))
     ap.add_argument("--out", type=Path, default=Path("bench/out/gptq"))
     ap.add_argument("--variants", nargs="*", default=["rtn", "gptq"])
     ap.add_argument("--scale-rule", default="library")
@@ -180,6 +257,8 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     if a.stage == "prepare":
         prepare(a.out, a.eval_seqs)
+    elif a.stage == "sweep":
+        sweep(a.out, a.variants if a.variants != ["rtn", "gptq"] else list(SWEEP), a.eval_seqs, a.scale_rule)
     else:
         run(a.out, a.variants, a.scale_rule)
 

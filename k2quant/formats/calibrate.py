@@ -147,13 +147,17 @@ class _LinearStats:
     def __init__(self, layer: torch.nn.Module, names: list[str]):
         self.h: dict[str, torch.Tensor] = {}
         self.n: dict[str, int] = {}
+        self._last: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         mods = dict(layer.named_modules())
         self.handles = [mods[n].register_forward_pre_hook(self._hook(n)) for n in names]
 
     def _hook(self, name: str):
         def hook(_mod, args):
             x = args[0]
-            self.h[name] = gptq.hessian(x, self.h.get(name))
+            if x is not self._last[0]:  # q/k/v (gate/up) read the same tensor: one product serves them all
+                self._last = (x, gptq.hessian(x))
+            h = self._last[1]
+            self.h[name] = h.clone() if name not in self.h else self.h[name].add_(h)
             self.n[name] = self.n.get(name, 0) + x.numel() // x.shape[-1]
         return hook
 
@@ -363,12 +367,12 @@ def run(src: str | Path, dst: str | Path, scheme: QuantScheme, calib: CalibConfi
 def _resume_point(state: Path, layers: list[_Layer], kept: dict, names: list[str],
                   layer_shards) -> tuple[int, torch.Tensor | None]:
     """The first layer to calibrate, and the activations it takes (None: start from the embeddings)."""
-    start = 0
+    start = 0  # the layers before ``start`` are written and the activations after the last of them are saved
     for k, lay in enumerate(layers):
-        done = all(names[j] in kept for j in layer_shards(lay.items))
-        if not done or not (state / ACTS.format(lay.index)).exists():
+        if not all(names[j] in kept for j in layer_shards(lay.items)):
             break
-        start = k + 1
+        if (state / ACTS.format(lay.index)).exists():
+            start = k + 1
     if start == 0:
         return 0, None
     return start, _load_acts(state / ACTS.format(layers[start - 1].index))

@@ -42,7 +42,7 @@ def _oracle(src, dst) -> dict[str, tuple[torch.Tensor, int]]:
     for layer in q_model.model.layers:
         layer.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
     with torch.no_grad():
-        q_model(_ids(src))
+        q_model(_ids(src), use_cache=False)
     for li, (args, kwargs) in enumerate(calls):
         layer = s_model.model.layers[li]
         hooks = []
@@ -178,3 +178,43 @@ def test_expert_prior_fills_experts_without_tokens(work, tmp_path):
     _run(src, tmp_path / "p", lambda k, h, n: stats.__setitem__(k, (h.clone(), n)), prior=16.0)
     routed = {k: v for k, v in stats.items() if ".experts." in k}
     assert all(float(h.diagonal().min()) > 0 for h, _ in routed.values())
+
+
+def test_interrupted_run_resumes_at_the_next_layer_with_identical_bytes(work, tmp_path, monkeypatch):
+    src, dst_good, _, _ = work
+    orig = calibrate.calibrate_layer
+
+    def crash_at_layer_2(layer_mod, lay, *a, **k):
+        if lay.index == 2:
+            raise KeyboardInterrupt
+        return orig(layer_mod, lay, *a, **k)
+    monkeypatch.setattr(calibrate, "calibrate_layer", crash_at_layer_2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(src, tmp_path / "r")
+    assert not (tmp_path / "r" / "model.safetensors.index.json").exists()  # not a checkpoint yet
+    monkeypatch.undo()
+    calib = calibrate.CalibConfig(data=(str(src.parent / "data"),), samples=SAMPLES, seq_len=SEQ, batch_size=3,
+                                  expert_prior=0.0)
+    rep = calibrate.run(src, tmp_path / "r", qscheme.for_target("int4"), calib, resume=True)
+    assert rep.layers_kept == 2
+    files = sorted(p.name for p in dst_good.glob("*.safetensors"))
+    assert files == sorted(p.name for p in (tmp_path / "r").glob("*.safetensors"))
+    assert all((dst_good / f).read_bytes() == (tmp_path / "r" / f).read_bytes() for f in files)
+
+
+def test_fp8_source_and_kimi_rule(work, tmp_path, tiny_dirs):
+    """An FP8 source is read through convert's dequantization; kimi-rule codes stay in -7..7 and verify passes."""
+    src, _, _, _ = work
+    fp8 = tmp_path / "fp8"
+    from k2quant.formats import convert
+    convert.convert(src, fp8, "fp8", qscheme.for_target("fp8"))
+    for f in src.glob("tokenizer*"):
+        shutil.copy(f, fp8 / f.name)
+    shutil.copytree(src.parent / "data", tmp_path / "data")
+    _run(fp8, tmp_path / "out", prior=32.0, scale_rule="kimi")
+    rep = verify.verify(fp8, tmp_path / "out")
+    assert rep.ok, rep.problems
+    from helpers import read_all
+    packed = read_all(tmp_path / "out")["model.layers.1.mlp.experts.0.gate_proj.weight_packed"]
+    q = int4_group.unpack(packed, 320)
+    assert int(q.min()) >= -7
