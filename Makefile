@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LATEST := .venv-latest
 DEMO := demo
-TORCH := torch==2.13.0
+TORCH ?= torch==2.13.0
 
 .PHONY: venv demo test test-latest lock bench clean
 
@@ -39,14 +39,16 @@ test: venv
 	$(BIN)/ruff check k2quant tests bench
 	$(BIN)/python -m pytest -q
 
-# The newest release of every dependency (torch stays at the CPU build, see above), in its own venv, then the
-# suite. Run it before bumping constraints.txt, and whenever an upstream release lands.
+# The newest release of every dependency, in its own venv, then the suite. torch stays pinned (see above: a
+# newer one is a multi-GB CUDA build here); TORCH=torch==2.14.1 make test-latest tries another. Run it
+# before bumping constraints.txt, and whenever an upstream release lands.
 test-latest:
 	rm -rf $(LATEST)
 	$(PY) -m venv $(LATEST)
 	$(LATEST)/bin/pip install --quiet --upgrade pip
 	$(LATEST)/bin/pip install --quiet $(TORCH)
-	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
+	echo '$(TORCH)' > $(LATEST)/torch-pin.txt
+	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager -c $(LATEST)/torch-pin.txt -e '.[test]'
 	$(LATEST)/bin/pip freeze --exclude-editable | grep -iE '^(transformers|accelerate|compressed-tensors|lm.eval|numba|numpy|safetensors|torch)=='
 	$(LATEST)/bin/ruff check k2quant tests bench
 	$(LATEST)/bin/python -m pytest -q
