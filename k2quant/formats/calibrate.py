@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from k2quant.errors import FormatError, K2QuantError
+from k2quant.errors import FormatError, K2QuantError, collect
 from k2quant.formats import convert, layout, load, moe, output, shards, source, texts
 from k2quant.formats.checkpoint import Checkpoint
 from k2quant.formats.plan import DEFAULT_MAX_SHARD, Item, Plan, make_plan
@@ -125,18 +125,31 @@ def _read(items: list[Item], bf16_plan: Plan) -> dict[str, torch.Tensor]:
     return out
 
 
+def _fit_problem(module: torch.nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why ``tensors`` (real or meta) cannot load into ``module`` under ``prefix``; None when they fit."""
+    local = moe.fuse_experts(module, {k[len(prefix) + 1:]: v for k, v in tensors.items()
+                                      if k.startswith(prefix + ".")})
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = [k for k in want if k not in local]
+    unexpected = [k for k in local if k not in want]
+    shapes = [f"{k} {list(local[k].shape)} (expected {list(want[k])})" for k in want
+              if k in local and tuple(local[k].shape) != want[k]]
+    if not (missing or unexpected or shapes):
+        return None
+    return (f"{prefix}: the checkpoint's tensors do not fit transformers' {type(module).__name__} built from "
+            f"config.json: missing {missing[:4]}, unexpected {unexpected[:4]}, shapes {shapes[:4]}; the config and "
+            f"the weights disagree: fix config.json or the checkpoint")
+
+
 def _materialise(module: torch.nn.Module, prefix: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: str) -> torch.nn.Module:
     """``module`` (meta) with the weights named ``prefix.*`` in ``tensors``; per-expert tensors are stacked."""
+    if (problem := _fit_problem(module, prefix, tensors)) is not None:
+        raise FormatError(problem)
     module = module.to_empty(device=device)
-    local = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-    local = moe.fuse_experts(module, local)
-    missing, unexpected = module.load_state_dict({k: v.to(dtype) for k, v in local.items()}, strict=False)
-    missing = [m for m in missing if m in dict(module.named_parameters()) or m in module.state_dict()]
-    if missing or unexpected:
-        raise FormatError(f"{prefix}: the checkpoint's tensors do not fit transformers' "
-                          f"{type(module).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}; the config "
-                          f"and the weights disagree")
+    local = moe.fuse_experts(module, {k[len(prefix) + 1:]: v for k, v in tensors.items()
+                                      if k.startswith(prefix + ".")})
+    module.load_state_dict({k: v.to(dtype) for k, v in local.items()})
     return module.to(dtype)
 
 
@@ -260,6 +273,23 @@ def _layers(plan: Plan, num_layers: int) -> tuple[list[Item], list[_Layer]]:
     return outside, layers
 
 
+def _check_layers(model, layers: list[_Layer], bf16_plan: Plan) -> None:
+    """Before anything is written: every layer's tensors fit its transformers layer, every target has a module."""
+    entries = {it.key: it.entries for it in bf16_plan.items}
+    decoder_layers = _decoder(model)[1]
+    problems = []
+    for lay in layers:
+        meta = {e.name: torch.empty(e.shape, device="meta") for it in lay.items for e in entries[it.key]}
+        if (p := _fit_problem(decoder_layers[lay.index], lay.prefix, meta)) is not None:
+            problems.append(p)
+            continue
+        try:
+            _targets_by_module(decoder_layers[lay.index], lay)
+        except FormatError as exc:
+            problems.append(str(exc))
+    collect(problems)
+
+
 def _layer_plan(plan: Plan, outside: list[Item], layers: list[_Layer], max_shard_size: int) -> Plan:
     """The same items, ordered outside-first then layer by layer, in shards that never span two layers."""
     items, shards_ = [], []
@@ -308,6 +338,7 @@ def run(src: str | Path, dst: str | Path, scheme: QuantScheme, calib: CalibConfi
     bf16_plan = make_plan(ckpt, "bf16", None, 1 << 62)  # how to read every item as BF16
     outside, layers = _layers(base_plan, num_layers)
     plan = _layer_plan(base_plan, outside, layers, max_shard_size)
+    _check_layers(model, layers, bf16_plan)
     settings = output.run_settings(plan, ckpt) | {"method": "gptq", "gptq": dataclasses.asdict(cfg),
                                                   "calibration": calib.settings() | {"tokens": _fingerprint(ids)}}
     state = dst / output.STATE_DIR

@@ -114,3 +114,21 @@ def test_too_little_calibration_text_is_one_clear_error(llama, tmp_path):
     out = " ".join(res.output.split())
     assert "fewer than --calib-samples 100000; add calibration text or lower --calib-samples" in out
     assert not (tmp_path / "o").exists()
+
+
+def test_config_that_disagrees_with_the_weights_is_refused_before_writing(llama, tmp_path):
+    root, src, _, _ = llama
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (bad / "config.json").write_text(json.dumps(cfg))
+    res = CliRunner().invoke(main, ["convert", str(bad), str(tmp_path / "o"), "--to", "int4", "--method", "gptq",
+                                    "--calib-data", str(root / "data"), "--calib-samples", "2",
+                                    "--calib-seq-len", "16", "--targets", TARGETS[0], "--ignore", "lm_head"])
+    assert res.exit_code == 2
+    out = " ".join(res.output.split())
+    assert ("model.layers.0: the checkpoint's tensors do not fit transformers' LlamaDecoderLayer built from "
+            "config.json: missing [], unexpected [], shapes ['mlp.gate_proj.weight [160, 64] (expected [96, 64])'"
+            in out), out
+    assert not (tmp_path / "o").exists()
