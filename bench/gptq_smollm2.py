@@ -42,6 +42,7 @@ VARIANTS = {
     "gptq-mse": (gptq.GPTQConfig(scales="mse"), {}),
     "gptq-diagreg": (gptq.GPTQConfig(diag_reg=0.25), {}),
     "gptq-lazy": (gptq.GPTQConfig(scales="lazy"), {}),
+    "gptq-mse-damp0.1": (gptq.GPTQConfig(scales="mse", damp=0.1), {}),
 }
 
 
@@ -132,7 +133,7 @@ def _score(models: dict[str, torch.nn.Module], ids: torch.Tensor, batch: int = 8
     return {k: {"kl": v["kl"] / n, "ppl": math.exp(v["nll"] / n), "tokens": n} for k, v in sums.items()}
 
 
-def run(out: Path, names: list[str], scale_rule: str) -> None:
+def run(out: Path, names: list[str], scale_rule: str, n_eval: int) -> None:
     from safetensors.torch import load_file
 
     src = smollm2()
@@ -149,7 +150,7 @@ def run(out: Path, names: list[str], scale_rule: str) -> None:
     if (llmc / "weights.safetensors").exists():
         models["llm-compressor"] = _model(src, load_file(str(llmc / "weights.safetensors")))
         results.setdefault("llm-compressor", {})["seconds"] = json.loads((llmc / "time.json").read_text())["seconds"]
-    evals = load_file(str(out / "eval_ids.safetensors"))
+    evals = {k: v[:n_eval] for k, v in load_file(str(out / "eval_ids.safetensors")).items()}
     for domain, ids in evals.items():
         for k, v in _score(models, ids).items():
             results.setdefault(k, {})[domain] = v
@@ -260,7 +261,7 @@ def main() -> None:
     elif a.stage == "sweep":
         sweep(a.out, a.variants if a.variants != ["rtn", "gptq"] else list(SWEEP), a.eval_seqs, a.scale_rule)
     else:
-        run(a.out, a.variants, a.scale_rule)
+        run(a.out, a.variants, a.scale_rule, a.eval_seqs)
 
 
 if __name__ == "__main__":
