@@ -95,15 +95,15 @@ def static_scales(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
 
 
 def mse_scales(w: torch.Tensor, h_diag: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """Per group, the shrink of the static scale minimising ``sum_j h_jj (w_j - deq_j)^2`` (bf16 ``[N, K/g]``)."""
+    """Per group, the clipped range whose rule scale minimises ``sum_j h_jj (w_j - deq_j)^2`` (bf16 ``[N, K/g]``)."""
     g = scheme.group_size
-    base = static_scales(w, scheme).to(torch.float32)
+    amax = int4_group.group_amax(w, scheme).to(torch.float32)
     wg = int4_group._groups(w.to(torch.float32), g)  # [N, K/g, g]
     hd = h_diag.to(torch.float32).reshape(1, -1, g)  # [1, K/g, g]
     best, best_err = None, None
     for f in MSE_GRID:
-        s = (base * f).to(int4_group.SCALE_DTYPE)
-        s = s.masked_fill(s == 0, int4_group._ZERO_SCALE)
+        # the rule's own scale of a clipped range (a bf16 amax, as a dequantized group's is: kimi stays idempotent)
+        s = int4_group.scale_of_amax((amax * f).to(int4_group.SCALE_DTYPE), scheme.scale_rule)
         q = int4_group.quantize_values(wg, s.unsqueeze(-1), scheme.scale_rule)
         deq = (q.to(torch.float32) * s.to(torch.float32).unsqueeze(-1)).to(int4_group.SCALE_DTYPE).float()
         err = ((wg - deq) ** 2 * hd).sum(-1)  # [N, K/g]
@@ -121,11 +121,30 @@ def _initial_scales(w: torch.Tensor, h: torch.Tensor, scheme: QuantScheme, cfg: 
     return static_scales(w, scheme)  # "lazy" recomputes them group by group
 
 
-def _column(w_col: torch.Tensor, s_col: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes, dequantized value as loaded)`` of one column ``[N]`` with its scales ``[N]``."""
+def _column(w_col: torch.Tensor, s_col: torch.Tensor, rule: str,
+            pin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, dequantized value as loaded)`` of one column ``[N]`` with its scales ``[N]``; nonzero ``pin``
+    entries are kept as the codes."""
     q = int4_group.quantize_values(w_col, s_col, rule)
+    if pin is not None:
+        q = torch.where(pin != 0, pin, q)
     deq = (q.to(torch.float32) * s_col.to(torch.float32)).to(int4_group.SCALE_DTYPE)
     return q, deq.to(w_col.dtype)
+
+
+def pinned_extremes(w: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig) -> torch.Tensor | None:
+    """kimi rule: int8 ``[N, K]``, +-7 where ``|w|`` is its group's amax (their RTN code), 0 elsewhere; else None.
+
+    GPTQ keeps these codes whatever error reaches them, so every group still holds a +-7 and the kimi scale
+    recomputed from the dequantized weights is the stored one: the checkpoint is idempotent, as RTN's is, and
+    QAT starts from it unchanged. The error of the pinned code spreads to later columns like any other.
+    """
+    if scheme.scale_rule != "kimi" or cfg.scales == "lazy":
+        return None
+    wf = w.to(torch.float32)
+    g = int4_group._groups(wf.abs(), scheme.group_size)  # [N, K/g, g]
+    at_max = (g == g.amax(dim=-1, keepdim=True)).reshape(w.shape)
+    return (at_max & (wf != 0)).to(torch.int8) * torch.sign(wf).to(torch.int8) * int4_group.INT4_MAX
 
 
 def _setup(w, h, scheme, cfg, dtype):
@@ -137,7 +156,9 @@ def _setup(w, h, scheme, cfg, dtype):
     hp = _prepared(h, cfg, dtype)
     perm = torch.argsort(hp.diagonal(), descending=True, stable=True) if cfg.act_order else torch.arange(k)
     hp = hp[perm][:, perm]
-    return w.to(dtype)[:, perm].clone(), _upper_inverse_factor(hp), scale, perm
+    pin = pinned_extremes(w, scheme, cfg)
+    return w.to(dtype)[:, perm].clone(), _upper_inverse_factor(hp), scale, perm, \
+        None if pin is None else pin[:, perm]
 
 
 def _lazy_scale(wp: torch.Tensor, col: int, scale: torch.Tensor, scheme: QuantScheme) -> None:
@@ -151,13 +172,14 @@ def _lazy_scale(wp: torch.Tensor, col: int, scale: torch.Tensor, scheme: QuantSc
 def quantize_ref(w: torch.Tensor, h: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig = GPTQConfig(),
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference GPTQ, one column at a time over every remaining column: ``(codes int8 [N, K], scale bf16)``."""
-    wp, u, scale, perm = _setup(w, h, scheme, cfg, dtype)
+    wp, u, scale, perm, pin = _setup(w, h, scheme, cfg, dtype)
     g = scheme.group_size
     q = torch.empty(wp.shape, dtype=torch.int8)
     for j in range(wp.shape[1]):
         if cfg.scales == "lazy":
             _lazy_scale(wp, j, scale, scheme)
-        q[:, j], deq = _column(wp[:, j], scale[:, int(perm[j]) // g], scheme.scale_rule)
+        q[:, j], deq = _column(wp[:, j], scale[:, int(perm[j]) // g], scheme.scale_rule,
+                               None if pin is None else pin[:, j])
         err = (wp[:, j] - deq) / u[j, j]
         wp[:, j:] -= err[:, None] * u[j, j:][None, :]
     return q[:, torch.argsort(perm)], scale
@@ -170,7 +192,7 @@ def quantize(w: torch.Tensor, h: torch.Tensor, scheme: QuantScheme, cfg: GPTQCon
     Within a block of ``cfg.block`` columns the error goes column by column; the columns after the block
     get the whole block's error in one matrix product (the same arithmetic, reordered).
     """
-    wp, u, scale, perm = _setup(w, h, scheme, cfg, dtype)
+    wp, u, scale, perm, pin = _setup(w, h, scheme, cfg, dtype)
     g, k = scheme.group_size, wp.shape[1]
     q = torch.empty(wp.shape, dtype=torch.int8)
     col_group = perm // g
@@ -181,7 +203,8 @@ def quantize(w: torch.Tensor, h: torch.Tensor, scheme: QuantScheme, cfg: GPTQCon
         for i in range(b1 - b0):
             if cfg.scales == "lazy":
                 _lazy_scale(wp, b0 + i, scale, scheme)
-            q[:, b0 + i], deq = _column(wb[:, i], scale[:, int(col_group[b0 + i])], scheme.scale_rule)
+            q[:, b0 + i], deq = _column(wb[:, i], scale[:, int(col_group[b0 + i])], scheme.scale_rule,
+                                        None if pin is None else pin[:, b0 + i])
             errs[:, i] = (wb[:, i] - deq) / ub[i, i]
             wb[:, i:] -= errs[:, i:i + 1] * ub[i:i + 1, i:]
         wp[:, b1:] -= errs @ u[b0:b1, b1:]

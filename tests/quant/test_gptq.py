@@ -49,7 +49,7 @@ def test_equals_optimal_brain_surgeon_formulation(rule, act_order):
     assert torch.equal(s, s_ref)  # static scales are round-to-nearest's
     hd = h.diagonal() + cfg.damp * h.diagonal().mean()
     order = sorted(range(128), key=lambda c: -float(hd[c])) if act_order else list(range(128))
-    assert torch.equal(q, gptq_obs_ref(w, h, s_ref, order, 32, rule, cfg.damp))
+    assert torch.equal(q, gptq_obs_ref(w, h, s_ref, order, 32, rule, cfg.damp, pin_extremes=rule == "kimi"))
 
 
 @pytest.mark.parametrize("rule", ["library", "kimi"])
@@ -112,3 +112,14 @@ def test_bad_config_is_one_clear_error():
     assert str(exc.value) == ("GPTQ: damp must be > 0 (a positive definite Hessian), got 0; act_order needs scales "
                               "fixed before the columns are visited (static or mse): the format stores contiguous "
                               "groups without g_idx")
+
+
+@pytest.mark.parametrize("scales", ["static", "mse"])
+def test_kimi_rule_output_is_idempotent_so_qat_starts_from_it(scales):
+    """The kimi scale recomputed from the dequantized GPTQ weights is the stored scale, and the codes are the
+    stored codes (the property QAT's step 0 relies on), checked with the reference RTN."""
+    w, h = _problem(64, 256, seed=7)
+    sch = _scheme("kimi")
+    q, s = gptq.quantize(w, h, sch, gptq.GPTQConfig(scales=scales))
+    q_again, s_again = int4_quantize_ref(int4_group.dequantize(q, s, sch), 32, "kimi")
+    assert torch.equal(s_again, s) and torch.equal(q_again, q)
