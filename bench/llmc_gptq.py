@@ -44,18 +44,18 @@ def main() -> None:
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1])
     seconds = time.perf_counter() - t0
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "time.json").write_text(json.dumps({"seconds": seconds, "threads": a.threads}))
     sd = {}
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and hasattr(mod, "weight_scale"):
             args = mod.quantization_scheme.weights
             w = fake_quantize(mod.weight.float(), mod.weight_scale.float(), getattr(mod, "weight_zero_point", None),
-                              args, g_idx=getattr(mod, "weight_g_idx", None))
+                              args)
             sd[f"{name}.weight"] = w.to(torch.bfloat16).contiguous()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(out / "weights.safetensors"))
-    (out / "time.json").write_text(json.dumps({"seconds": seconds, "modules": len(sd), "threads": a.threads}))
     print(f"llm-compressor GPTQ: {seconds:.1f} s, {len(sd)} modules")
 
 
