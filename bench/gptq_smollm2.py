@@ -217,6 +217,49 @@ def sweep(out: Path, names: list[str], n_eval: int, scale_rule: str) -> None:
     print(table(results))
 
 
+PROXY = {
+    "rtn": None, "rtn-mse": "diag-mse", "static": gptq.GPTQConfig(), "act-order": gptq.GPTQConfig(act_order=True),
+    "lazy": gptq.GPTQConfig(scales="lazy"), "damp0.1": gptq.GPTQConfig(damp=0.1),
+    "damp1": gptq.GPTQConfig(damp=1.0), "diag-reg1": gptq.GPTQConfig(diag_reg=1.0),
+    "mse": gptq.GPTQConfig(scales="mse"), "mse+damp0.1": gptq.GPTQConfig(scales="mse", damp=0.1),
+    "mse+damp1": gptq.GPTQConfig(scales="mse", damp=1.0), "mse+act-order": gptq.GPTQConfig(scales="mse", act_order=True),
+}
+
+
+def proxy(out: Path, layers: list[int], n_eval: int, scale_rule: str) -> None:
+    """Output error of each setting on a few layers, fast: tr(E H E^T) / RTN's, with H from held-out Shakespeare
+    and from the Python manual (the BF16 model's activations), E the weight error of the setting calibrated on
+    the calibration tokens."""
+    from safetensors.torch import load_file
+
+    model = _model(smollm2(), None)
+    model.model.layers = model.model.layers[:max(layers) + 1]  # nothing later is needed
+    keep = lambda n: any(n.startswith(f"model.layers.{i}.") for i in layers)  # noqa: E731
+    calib = {k: v for k, v in _bf16_statistics(model, load_file(str(out / "calib_ids.safetensors"))["input_ids"])
+             .items() if keep(k)}
+    evals = {d: {k: v for k, v in _bf16_statistics(model, x[:n_eval]).items() if keep(k)}
+             for d, x in load_file(str(out / "eval_ids.safetensors")).items()}
+    sch = qscheme.for_target("int4", scale_rule=scale_rule, targets=TARGETS, ignore=["lm_head"])
+    mods = dict(model.named_modules())
+    errs = {}
+    for name, cfg in PROXY.items():
+        errs[name] = {d: 0.0 for d in evals}
+        for n, h in calib.items():
+            w = mods[n].weight.detach().to(torch.bfloat16)
+            if cfg is None:
+                q, sc = int4_group.quantize_weight(w, sch)
+            elif cfg == "diag-mse":
+                q, sc = gptq.quantize(w, torch.diag(h.diagonal()), sch, gptq.GPTQConfig(scales="mse"))
+            else:
+                q, sc = gptq.quantize(w, h, sch, cfg)
+            deq = int4_group.dequantize(q, sc, sch)
+            for d, hs in evals.items():
+                errs[name][d] += gptq.output_error(w, deq, hs[n]) / gptq.output_error(
+                    w, int4_group.dequantize(*int4_group.quantize_weight(w, sch), sch), hs[n]) / len(calib)
+        print(name, {d: round(v, 3) for d, v in errs[name].items()}, flush=True)
+    (out / f"proxy-{scale_rule}.json").write_text(json.dumps(errs, indent=1))
+
+
 def _logprobs(model, ids: torch.Tensor, batch: int = 4) -> list[torch.Tensor]:
     with torch.no_grad():
         return [torch.log_softmax(model(ids[b:b + batch]).logits[:, :-1].float(), -1)
@@ -247,7 +290,8 @@ def table(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("prepare", "run", "sweep"))
+    ap.add_argument("stage", choices=("prepare", "run", "sweep", "proxy"))
+    ap.add_argument("--layers", type=int, nargs="*", default=[1, 4])
     ap.add_argument("--out", type=Path, default=Path("bench/out/gptq"))
     ap.add_argument("--variants", nargs="*", default=["rtn", "gptq"])
     ap.add_argument("--scale-rule", default="library")
@@ -258,6 +302,8 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     if a.stage == "prepare":
         prepare(a.out, a.eval_seqs)
+    elif a.stage == "proxy":
+        proxy(a.out, a.layers, a.eval_seqs, a.scale_rule)
     elif a.stage == "sweep":
         sweep(a.out, a.variants if a.variants != ["rtn", "gptq"] else list(SWEEP), a.eval_seqs, a.scale_rule)
     else:

@@ -23,7 +23,8 @@ def _problem(n: int, k: int, seed: int = 0, tokens: int = 512):
     return w, gptq.hessian(x)
 
 
-CONFIGS = [gptq.GPTQConfig(), gptq.GPTQConfig(act_order=True), gptq.GPTQConfig(scales="lazy"),
+STATIC = gptq.GPTQConfig(scales="static", damp=0.01)  # the textbook setting: RTN's own scales
+CONFIGS = [gptq.GPTQConfig(), STATIC, gptq.GPTQConfig(act_order=True), gptq.GPTQConfig(scales="lazy"),
            gptq.GPTQConfig(scales="mse", act_order=True), gptq.GPTQConfig(damp=0.1, diag_reg=0.5, block=96)]
 
 
@@ -43,7 +44,7 @@ def test_blocked_equals_reference_float64(rule, cfg, shape):
 def test_equals_optimal_brain_surgeon_formulation(rule, act_order):
     """Cholesky + lazy batches against explicit inverses of the shrinking Hessian, static scales."""
     w, h = _problem(24, 128, seed=1)
-    cfg = gptq.GPTQConfig(act_order=act_order, block=64)
+    cfg = gptq.GPTQConfig(act_order=act_order, block=64, scales="static", damp=0.01)
     q, s = gptq.quantize(w, h, _scheme(rule), cfg, dtype=torch.float64)
     _, s_ref = int4_quantize_ref(w, 32, rule)
     assert torch.equal(s, s_ref)  # static scales are round-to-nearest's
@@ -57,7 +58,7 @@ def test_uncorrelated_inputs_give_round_to_nearest(rule):
     """A diagonal Hessian spreads no error: GPTQ must write exactly RTN's codes and scales."""
     w, _ = _problem(32, 256)
     h = torch.diag(torch.rand(256, generator=torch.Generator().manual_seed(3)) + 0.1)
-    q, s = gptq.quantize(w, h, _scheme(rule), gptq.GPTQConfig(act_order=True))
+    q, s = gptq.quantize(w, h, _scheme(rule), gptq.GPTQConfig(act_order=True, scales="static"))
     q_rtn, s_rtn = int4_quantize_ref(w, 32, rule)
     assert torch.equal(s, s_rtn) and torch.equal(q, q_rtn)
 
@@ -65,7 +66,7 @@ def test_uncorrelated_inputs_give_round_to_nearest(rule):
 def test_unseen_inputs_are_round_to_nearest_and_finite():
     """Channels no token ever used (zero rows/columns of H) stay RTN; an all-zero H gives RTN everywhere."""
     w, _ = _problem(16, 64)
-    q, s = gptq.quantize(w, torch.zeros(64, 64), _scheme("library"))
+    q, s = gptq.quantize(w, torch.zeros(64, 64), _scheme("library"), STATIC)
     assert torch.equal(q, int4_quantize_ref(w, 32, "library")[0])
 
 
