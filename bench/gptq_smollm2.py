@@ -35,14 +35,12 @@ SMOLLM2 = "SmolLM2-135M-Instruct-bf16"
 DOC_DEB = "python3.11-doc"
 TARGETS = [r"re:.*_proj$"]  # every Linear of a Llama decoder layer (lm_head is not a *_proj)
 #: name -> (GPTQConfig, extra options): the variants measured
+AMAX = {"scales": "static", "damp": 0.01}  # the textbook setting; every variant below names what it changes
 VARIANTS = {
-    "gptq": (gptq.GPTQConfig(), {}),
-    "gptq-actorder": (gptq.GPTQConfig(act_order=True), {}),
-    "gptq-damp0.1": (gptq.GPTQConfig(damp=0.1), {}),
-    "gptq-mse": (gptq.GPTQConfig(scales="mse"), {}),
-    "gptq-diagreg": (gptq.GPTQConfig(diag_reg=0.25), {}),
-    "gptq-lazy": (gptq.GPTQConfig(scales="lazy"), {}),
-    "gptq-mse-damp0.1": (gptq.GPTQConfig(scales="mse", damp=0.1), {}),
+    "gptq": (gptq.GPTQConfig(), {}),  # k2quant's defaults
+    "gptq-textbook": (gptq.GPTQConfig(**AMAX), {}),
+    "gptq-actorder": (gptq.GPTQConfig(**AMAX | {"act_order": True}), {}),
+    "gptq-lazy": (gptq.GPTQConfig(**AMAX | {"scales": "lazy"}), {}),
 }
 
 
@@ -160,15 +158,15 @@ def run(out: Path, names: list[str], scale_rule: str, n_eval: int) -> None:
 
 SWEEP = {
     "rtn": None,
-    "static": gptq.GPTQConfig(),
-    "act-order": gptq.GPTQConfig(act_order=True),
-    "lazy": gptq.GPTQConfig(scales="lazy"),
-    "damp0.1": gptq.GPTQConfig(damp=0.1),
-    "damp0.3": gptq.GPTQConfig(damp=0.3),
-    "diag-reg0.25": gptq.GPTQConfig(diag_reg=0.25),
-    "mse": gptq.GPTQConfig(scales="mse"),
-    "mse+damp0.1": gptq.GPTQConfig(scales="mse", damp=0.1),
-    "act-order+mse": gptq.GPTQConfig(act_order=True, scales="mse"),
+    "static": gptq.GPTQConfig(**AMAX),
+    "act-order": gptq.GPTQConfig(**AMAX | {"act_order": True}),
+    "lazy": gptq.GPTQConfig(**AMAX | {"scales": "lazy"}),
+    "damp0.1": gptq.GPTQConfig(**AMAX | {"damp": 0.1}),
+    "damp0.3": gptq.GPTQConfig(**AMAX | {"damp": 0.3}),
+    "diag-reg0.25": gptq.GPTQConfig(**AMAX | {"diag_reg": 0.25}),
+    "mse": gptq.GPTQConfig(**AMAX | {"scales": "mse"}),
+    "mse+damp0.1": gptq.GPTQConfig(**AMAX | {"scales": "mse", "damp": 0.1}),
+    "act-order+mse": gptq.GPTQConfig(**AMAX | {"act_order": True, "scales": "mse"}),
 }
 
 
@@ -217,13 +215,10 @@ def sweep(out: Path, names: list[str], n_eval: int, scale_rule: str) -> None:
     print(table(results))
 
 
-PROXY = {
-    "rtn": None, "rtn-mse": "diag-mse", "static": gptq.GPTQConfig(), "act-order": gptq.GPTQConfig(act_order=True),
-    "lazy": gptq.GPTQConfig(scales="lazy"), "damp0.1": gptq.GPTQConfig(damp=0.1),
-    "damp1": gptq.GPTQConfig(damp=1.0), "diag-reg1": gptq.GPTQConfig(diag_reg=1.0),
-    "mse": gptq.GPTQConfig(scales="mse"), "mse+damp0.1": gptq.GPTQConfig(scales="mse", damp=0.1),
-    "mse+damp1": gptq.GPTQConfig(scales="mse", damp=1.0), "mse+act-order": gptq.GPTQConfig(scales="mse", act_order=True),
-}
+PROXY = {"rtn": None, "rtn-mse": "diag-mse"} | {k: SWEEP[k] for k in (
+    "static", "act-order", "lazy", "damp0.1", "mse", "mse+damp0.1", "act-order+mse")} | {
+    "damp1": gptq.GPTQConfig(**AMAX | {"damp": 1.0}), "diag-reg1": gptq.GPTQConfig(**AMAX | {"diag_reg": 1.0}),
+    "mse+damp1": gptq.GPTQConfig(**AMAX | {"scales": "mse", "damp": 1.0})}
 
 
 def proxy(out: Path, layers: list[int], n_eval: int, scale_rule: str) -> None:
@@ -249,7 +244,7 @@ def proxy(out: Path, layers: list[int], n_eval: int, scale_rule: str) -> None:
             if cfg is None:
                 q, sc = int4_group.quantize_weight(w, sch)
             elif cfg == "diag-mse":
-                q, sc = gptq.quantize(w, torch.diag(h.diagonal()), sch, gptq.GPTQConfig(scales="mse"))
+                q, sc = gptq.quantize(w, torch.diag(h.diagonal()), sch, SWEEP["mse"])
             else:
                 q, sc = gptq.quantize(w, h, sch, cfg)
             deq = int4_group.dequantize(q, sc, sch)
