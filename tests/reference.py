@@ -86,3 +86,50 @@ def pack_ref(q: torch.Tensor) -> torch.Tensor:
                 v |= nib << (4 * j)
             out[r, wi] = v - (1 << 32) if v >= (1 << 31) else v
     return out
+
+
+def _int4_code_ref(x: torch.Tensor, s: torch.Tensor, rule: str) -> torch.Tensor:
+    """Codes of values ``x`` ``[N]`` with scales ``s`` ``[N]`` (bf16), as ``int4_quantize_ref`` rounds them."""
+    if rule == "library":
+        return torch.round(torch.clamp(x.to(torch.bfloat16) / s, -8, 7))
+    return torch.clamp(torch.round(x.float() / s.float()), -7, 7)
+
+
+def gptq_obs_ref(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, order: list[int], group: int = 32,
+                 rule: str = "library", damp: float = 0.01, pin_extremes: bool = False) -> torch.Tensor:
+    """GPTQ as the Optimal Brain Surgeon update (Frantar et al., eq. 3), float64, with fixed group scales.
+
+    Columns are visited in ``order``; after quantizing column q the remaining columns F move by
+    ``-(w_q - deq_q) / [H_F^-1]_qq * [H_F^-1]_{q,F}``, with ``H_F^-1`` the explicit inverse of the damped
+    Hessian restricted to F (no Cholesky). ``pin_extremes``: an element whose |w| is its group's largest keeps
+    the code sign(w) * 7. Returns int8 codes ``[N, K]``.
+    """
+    pinned = {}
+    if pin_extremes:
+        for r in range(w.shape[0]):
+            for g0 in range(0, w.shape[1], group):
+                grp = w[r, g0:g0 + group].float()
+                for c in range(g0, g0 + group):
+                    if grp[c - g0].abs() == grp.abs().max() and grp[c - g0] != 0:
+                        pinned[(r, c)] = 7 if grp[c - g0] > 0 else -7
+    w = w.to(torch.float64).clone()
+    h = h.to(torch.float64).clone()
+    d = torch.diagonal(h)
+    d[d == 0] = 1.0
+    h += damp * float(d.mean()) * torch.eye(h.shape[0], dtype=torch.float64)
+    q = torch.empty(w.shape, dtype=torch.int8)
+    remaining = list(order)
+    while remaining:
+        c = remaining[0]
+        hinv = torch.linalg.inv(h[remaining][:, remaining])
+        s = scale[:, c // group]
+        codes = _int4_code_ref(w[:, c], s, rule)
+        for (r, cc), v in pinned.items():
+            if cc == c:
+                codes[r] = v
+        deq = (codes.to(torch.bfloat16) * s).to(torch.float64)
+        q[:, c] = codes.to(torch.int8)
+        err = (w[:, c] - deq) / hinv[0, 0]
+        w[:, remaining] -= err[:, None] * hinv[0][None, :]
+        remaining = remaining[1:]
+    return q

@@ -18,6 +18,9 @@ from k2quant.cli.options import emit_json, human, json_option, name_list, parse_
 from k2quant.errors import K2QuantError
 from k2quant.quant.names import CONVERT_INT4_RULE, FORMATS, INT4_GROUP_SIZE, INT4_RULES, KERNELS, RECIPES
 
+METHODS = ("rtn", "gptq")
+CALIB_SAMPLES, CALIB_SEQ_LEN = 64, 256
+
 @click.command()
 @click.argument("src", type=click.Path(file_okay=False, path_type=str))
 @click.argument("dst", type=click.Path(file_okay=False, path_type=str))
@@ -43,13 +46,20 @@ from k2quant.quant.names import CONVERT_INT4_RULE, FORMATS, INT4_GROUP_SIZE, INT
 @click.option("--rank", type=int, default=None, help="This process's rank when several machines share the work "
               "(torchrun sets RANK/WORLD_SIZE itself).")
 @click.option("--world-size", type=int, default=None, help="Number of ranks sharing the work.")
+@click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True,
+              help="INT4 codes: rtn = round to nearest; gptq = calibrated on --calib-data, one layer at a time.")
+@click.option("--calib-data", multiple=True, help="GPTQ calibration text: a .txt/.md/.jsonl file or a directory "
+              "of them (repeatable).")
+@click.option("--calib-samples", type=int, default=None, help=f"GPTQ calibration sequences (default {CALIB_SAMPLES}).")
+@click.option("--calib-seq-len", type=int, default=None, help=f"Tokens per calibration sequence (default {CALIB_SEQ_LEN}).")
 @click.option("--wait-timeout", type=click.FloatRange(min=0), default=24 * 3600.0, show_default=True,
               help="With --rank/--world-size: seconds a rank waits for the others (at most 600 for rank 0 to start).")
 @click.option("--trust-remote-code", is_flag=True, help="Also copy SRC's *.py files (code that loaders run with "
               "trust_remote_code); off by default.")
 @json_option("conversion summary")
 def convert(src, dst, target, group_size, scale_rule, targets, ignore, recipe, max_shard_size, workers, device,
-            kernel, force, resume, rank, world_size, wait_timeout, trust_remote_code, as_json) -> None:
+            kernel, force, resume, rank, world_size, wait_timeout, trust_remote_code, method, calib_data,
+            calib_samples, calib_seq_len, as_json) -> None:
     """Convert checkpoint SRC into DST in another format (bf16, fp8, int4)."""
     from k2quant.formats import convert as conv
     from k2quant.formats import selection
@@ -62,6 +72,11 @@ def convert(src, dst, target, group_size, scale_rule, targets, ignore, recipe, m
     targets, ignore = selection.with_recipe(recipe, src, name_list("--targets", targets),
                                             name_list("--ignore", ignore) if ignore else None)
     scheme = for_target(target, group_size, scale_rule, targets, ignore)
+    _check_method(target, method, calib_data, calib_samples, calib_seq_len, workers, rank, world_size)
+    if method == "gptq":
+        _convert_gptq(src, dst, scheme, calib_data, calib_samples or CALIB_SAMPLES, calib_seq_len or CALIB_SEQ_LEN,
+                      parse_size(max_shard_size), device, force, resume, as_json)
+        return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[items]} modules"),
                DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     bar = Progress(*columns, console=console, disable=as_json == "-")
@@ -118,6 +133,65 @@ def _interruptible(dst: str):
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _check_method(target, method, calib_data, calib_samples, calib_seq_len, workers, rank, world_size) -> None:
+    calib = {"--calib-data": calib_data, "--calib-samples": calib_samples, "--calib-seq-len": calib_seq_len}
+    given = [k for k, v in calib.items() if v]
+    problems = []
+    if method == "rtn" and given:
+        problems.append(f"{'/'.join(given)} calibrate --method gptq only; add --method gptq or drop them")
+    if method == "gptq":
+        if target != "int4":
+            problems.append(f"--method gptq writes INT4; use --to int4 (got --to {target})")
+        if not calib_data:
+            problems.append("--method gptq needs --calib-data PATH (text, jsonl, or a directory of them)")
+        for flag, v in (("--calib-samples", calib_samples), ("--calib-seq-len", calib_seq_len)):
+            if v is not None and v < 1:
+                problems.append(f"{flag} must be a positive integer, got {v}")
+        if workers > 1 or rank is not None or world_size is not None:
+            problems.append("--method gptq runs the layers in order in one process; drop --workers/--rank/"
+                            "--world-size")
+    if problems:
+        raise K2QuantError("; ".join(problems))
+
+
+def _convert_gptq(src, dst, scheme, calib_data, samples, seq_len, max_shard_size, device, force, resume,
+                  as_json) -> None:
+    from k2quant.formats import calibrate
+
+    calib = calibrate.CalibConfig(data=tuple(calib_data), samples=samples, seq_len=seq_len, device=device)
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("layer {task.completed:.0f}/"
+                   "{task.total}"), TextColumn("{task.fields[name]}"), TimeRemainingColumn(), console=console,
+                   disable=as_json == "-")
+    task = bar.add_task("gptq", total=None, name="")
+
+    def on_plan(p) -> None:
+        bar.update(task, description=f"{p.source_format.name} → int4 (gptq)")
+        bar.start()
+
+    def progress(done: int, total: int, name: str) -> None:
+        bar.update(task, completed=done, total=total, name=name)
+
+    try:
+        report = calibrate.run(src, dst, scheme, calib, max_shard_size=max_shard_size, force=force, resume=resume,
+                               progress=progress, on_plan=on_plan)
+    finally:
+        bar.stop()
+    if emit_json(as_json, report.to_json()):
+        return
+    t = Table(title=f"{report.source_format} → int4 (gptq): {report.dst}")
+    for col in ("layer", "experts", "tokens", "routed min / median / max", "no tokens", f"< {calib.expert_prior:g}"):
+        t.add_column(col, justify="left" if col == "layer" else "right")
+    for layer, cov in report.expert_coverage.items():
+        for c in cov.values():
+            t.add_row(layer, str(c["experts"]), str(c["tokens"]), f"{c['min']} / {c['median']} / {c['max']}",
+                      str(c["zero"]), str(c["below_prior"]))
+    if report.expert_coverage:
+        out.print(t)
+    kept = f" ({report.layers_kept} kept from the interrupted run)" if report.layers_kept else ""
+    out.print(f"{report.modules_calibrated} modules calibrated in {report.layers} layers{kept} on {report.tokens} "
+              f"tokens, {report.seconds:.2f} s ({report.seconds_gptq:.2f} s in GPTQ)")
 
 
 @click.command()

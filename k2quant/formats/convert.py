@@ -70,6 +70,7 @@ class ShardJob:
     device: str = "cpu"
     kernel: str = "auto"
     threads: int = 0  # torch/numba threads in a worker process (0: leave as is)
+    calibrated: dict | None = None  # key -> (codes, scale) chosen by calibration (in-process runs only)
 
 
 class _AsyncWriter:
@@ -109,7 +110,7 @@ def run_shard(job: ShardJob, progress: Progress | None = None) -> dict:
     """Write one output shard (temp name, then rename). Returns its record (inputs, sha256, bytes)."""
     if job.threads:
         torch.set_num_threads(job.threads)
-    ctx = items.Ctx(job.src, job.scheme, dispatch.ops(job.kernel, job.device), job.device)
+    ctx = items.Ctx(job.src, job.scheme, dispatch.ops(job.kernel, job.device), job.device, job.calibrated)
     writer = shards.ShardWriter(job.path, [e for it in job.items for e in it.entries])
     out = _AsyncWriter(writer)
     try:

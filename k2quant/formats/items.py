@@ -12,7 +12,7 @@ import torch
 from k2quant.errors import FormatError
 from k2quant.formats import shards, source
 from k2quant.formats.plan import Item
-from k2quant.quant import dispatch
+from k2quant.quant import dispatch, int4_group
 from k2quant.quant.scheme import QuantScheme
 
 CHUNK_ELEMS = 1 << 24  # elements per row chunk of a big tensor
@@ -26,6 +26,7 @@ class Ctx:
     scheme: QuantScheme | None
     ops: dispatch.Ops
     device: str
+    calibrated: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # key -> (codes, scale) of GPTQ
 
 
 class Reader:
@@ -124,6 +125,12 @@ def pieces(item: Item, ctx: Ctx, data: dict[str, torch.Tensor] | None = None) ->
     if item.stored_rep == source.INT4:
         check_int4_shape(item, rd)
     names = [e.name for e in item.entries]
+    if item.dst_rep == source.INT4 and ctx.calibrated and item.key in ctx.calibrated:
+        q, scale = ctx.calibrated[item.key]  # codes chosen by calibration (GPTQ), not by rounding here
+        yield names[0], int4_group.pack(q)
+        yield names[1], scale.to(torch.bfloat16)
+        yield names[2], torch.tensor(list(item.shape), dtype=torch.int64)
+        return
     scales = []
     fused = item.stored_rep == source.FP8 and item.dst_rep == source.INT4
     for r0, r1 in chunks(item, ctx):

@@ -11,7 +11,7 @@ import re
 _LAYER = r"(?:^|\.)layers\.(\d+)\."
 #: Linear layers that the FP8 format quantizes (attention, dense MLP, routed and shared experts).
 _LINEAR = re.compile(
-    _LAYER + r"(?:self_attn\.(?:q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    _LAYER + r"(?:self_attn\.(?:q_proj|k_proj|v_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
     r"|mlp\.(?:gate_proj|up_proj|down_proj)"
     r"|mlp\.experts\.\d+\.(?:gate_proj|up_proj|down_proj)"
     r"|mlp\.shared_experts\.(?:gate_proj|up_proj|down_proj))$")

@@ -37,27 +37,42 @@ def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(*lead, n, k // group_size, group_size)
 
 
-def compute_scale(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """Per-group dequant multiplier, bf16 ``[..., N, K/g]``."""
-    rule = scheme.scale_rule
-    if rule == "library":
+def group_amax(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Per-group amax ``[..., N, K/g]`` as the rule computes it (library: in bf16; kimi: in fp32)."""
+    if scheme.scale_rule == "library":
         g = _groups(w.to(SCALE_DTYPE), scheme.group_size)  # the library computes in the weight dtype
-        amax = torch.maximum(g.amin(dim=-1).clamp(max=0).abs(), g.amax(dim=-1).clamp(min=0))
-    else:
-        amax = _groups(w.to(torch.float32), scheme.group_size).abs().amax(dim=-1)
+        return torch.maximum(g.amin(dim=-1).clamp(max=0).abs(), g.amax(dim=-1).clamp(min=0))
+    return _groups(w.to(torch.float32), scheme.group_size).abs().amax(dim=-1)
+
+
+def scale_of_amax(amax: torch.Tensor, rule: str) -> torch.Tensor:
+    """The rule's bf16 scale for group amax values (0 -> bf16 eps)."""
     scale = (amax.to(torch.float32) / DIVISOR[rule]).to(SCALE_DTYPE)
     return scale.masked_fill(scale == 0, _ZERO_SCALE)
 
 
+def compute_scale(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Per-group dequant multiplier, bf16 ``[..., N, K/g]``."""
+    return scale_of_amax(group_amax(w, scheme), scheme.scale_rule)
+
+
+def quantize_values(x: torch.Tensor, scale: torch.Tensor, rule: str) -> torch.Tensor:
+    """int8 codes of ``x`` with ``scale`` broadcast against it (any shapes): the one rounding expression of a rule.
+
+    GPTQ quantizes one column at a time with this; ``quantize`` applies it group by group.
+    """
+    lo, hi = CODE_RANGE[rule]
+    x = x.to(SCALE_DTYPE if rule == "library" else torch.float32)
+    r = x.to(torch.float32) / scale.to(torch.float32)
+    if rule == "library":
+        r = r.to(SCALE_DTYPE).to(torch.float32)  # the library's division result is rounded to bf16
+    return r.clamp_(lo, hi).round_().to(torch.int8)
+
+
 def quantize(w: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """int8 codes ``[..., N, K]``."""
-    lo, hi = CODE_RANGE[scheme.scale_rule]
-    x = w.to(SCALE_DTYPE if scheme.scale_rule == "library" else torch.float32)
-    r = _groups(x.to(torch.float32), scheme.group_size) / scale.to(torch.float32).unsqueeze(-1)
-    if scheme.scale_rule == "library":
-        r = r.to(SCALE_DTYPE).to(torch.float32)  # the library's division result is rounded to bf16
-    q = r.clamp_(lo, hi).round_()
-    return q.to(torch.int8).reshape(w.shape)
+    q = quantize_values(_groups(w, scheme.group_size), scale.unsqueeze(-1), scheme.scale_rule)  # [..., N, K/g, g]
+    return q.reshape(w.shape)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme,
