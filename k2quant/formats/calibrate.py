@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from k2quant.errors import FormatError, K2QuantError, collect
-from k2quant.formats import convert, layout, load, moe, output, shards, source, texts
+from k2quant.formats import arch, convert, items, layout, load, moe, output, shards, source, texts
 from k2quant.formats.checkpoint import Checkpoint
 from k2quant.formats.plan import DEFAULT_MAX_SHARD, Item, Plan, make_plan
 from k2quant.quant import gptq, int4_group
@@ -91,18 +91,9 @@ def _fingerprint(ids: torch.Tensor) -> str:
 # -- the model skeleton and one layer's weights -----------------------------------------------------
 def skeleton(config: dict):
     """The checkpoint's transformers causal LM on the meta device (sdpa attention, eager experts)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "compression_config", "auto_map")}
-    model_type = cfg.pop("model_type", None)
-    if model_type in load.DEEPSEEK_V3_ALIASES:
-        model_type = "deepseek_v3"
-        cfg.pop("architectures", None)
-    try:
-        hf = AutoConfig.for_model(model_type, **cfg)
-    except (ValueError, KeyError) as exc:
-        raise FormatError(f"config.json: model_type {model_type!r} is unknown to this transformers ({exc}); "
-                          f"calibration runs the model's own transformers classes, no remote code") from None
+    hf = arch.hf_config(config)  # kimi_k2 as deepseek_v3, no remote code; a bad config is one FormatError
     hf._attn_implementation = "sdpa"  # causal without a mask tensor: every calibration sequence is full
     if hasattr(hf, "_experts_implementation"):
         hf._experts_implementation = "eager"
@@ -116,11 +107,11 @@ def _decoder(model):
     return base, base.layers
 
 
-def _read(items: list[Item], bf16_plan: Plan) -> dict[str, torch.Tensor]:
-    """The BF16 form of ``items`` by tensor name (quantized sources dequantized exactly as convert does)."""
+def _read(wanted: list[Item], bf16_plan: Plan) -> dict[str, torch.Tensor]:
+    """The BF16 form of ``wanted`` by tensor name (quantized sources dequantized exactly as convert does)."""
     by_key = {it.key: it for it in bf16_plan.items}
     out = {}
-    for it in items:
+    for it in wanted:
         out |= items.run_item(by_key[it.key], bf16_plan.source_format, None)
     return out
 
@@ -341,8 +332,24 @@ def run(src: str | Path, dst: str | Path, scheme: QuantScheme, calib: CalibConfi
     _check_layers(model, layers, bf16_plan)
     settings = output.run_settings(plan, ckpt) | {"method": "gptq", "gptq": dataclasses.asdict(cfg),
                                                   "calibration": calib.settings() | {"tokens": _fingerprint(ids)}}
+    carried = ckpt.other_files(remote_code=False)  # tokenizer, generation config, ...: checked before writing
+    lock = output.Lock(dst, 0)
+    if dst.is_dir():
+        lock.acquire()
+    output.prepare_output(src, dst, plan.dst_bytes, force, resume, output.written_files(plan, ckpt, carried))
+    if not lock.held:
+        lock.acquire()
+    try:
+        return _calibrate(ckpt, src, dst, scheme, calib, cfg, ids, model, plan, bf16_plan, outside, layers,
+                          settings, carried, resume, progress, on_plan, on_stats, t0)
+    finally:
+        lock.release()
+
+
+def _calibrate(ckpt, src, dst, scheme, calib, cfg, ids, model, plan, bf16_plan, outside, layers, settings, carried,
+               resume, progress, on_plan, on_stats, t0) -> CalibReport:
+    """The layers in order, once DST is prepared and locked (see ``run``)."""
     state = dst / output.STATE_DIR
-    output.prepare_output(src, dst, plan.dst_bytes, force, resume)
     kept = output.resume_state(dst, settings, plan) if resume else {}
     output.clean_partial(dst, kept, plan, 0, 1)
     state.mkdir(exist_ok=True)
@@ -353,8 +360,8 @@ def run(src: str | Path, dst: str | Path, scheme: QuantScheme, calib: CalibConfi
     names = plan.shard_names
     pos_in_plan = {id(it): i for i, it in enumerate(plan.items)}
 
-    def layer_shards(items: list[Item]) -> list[int]:
-        return sorted({shard_of[pos_in_plan[id(it)]] for it in items})
+    def layer_shards(layer_items: list[Item]) -> list[int]:
+        return sorted({shard_of[pos_in_plan[id(it)]] for it in layer_items})
 
     def write(js: list[int], calibrated: dict | None) -> None:
         for j in js:
@@ -390,7 +397,7 @@ def run(src: str | Path, dst: str | Path, scheme: QuantScheme, calib: CalibConfi
         t_gptq += secs
         if progress:
             progress(k + 1, len(layers), lay.prefix)
-    output.finish(ckpt, plan, dst, settings, kept)
+    output.finish(ckpt, plan, dst, settings, kept, carried)
     return CalibReport(str(src), str(dst), plan.source_format.name, "gptq", len(layers), start, n_cal,
                        int(ids.numel()), round(time.perf_counter() - t0, 3), round(t_gptq, 3), coverage)
 

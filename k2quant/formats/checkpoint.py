@@ -17,6 +17,8 @@ from k2quant.formats import shards
 
 INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
+#: what a k2quant run records about its own output (written by ``output``; never carried into another output)
+MANIFEST = "k2quant_manifest.json"
 
 
 class Checkpoint:
@@ -136,7 +138,7 @@ class Checkpoint:
         return sum(i.nbytes for i in self.tensors.values())
 
     def other_files(self, remote_code: bool = False) -> list[Path]:
-        """Files to carry over unchanged: everything but shards, the index and config.json.
+        """Files to carry over unchanged: everything but shards, the index, config.json and k2quant's manifest.
 
         Every one passes ``source_file`` (regular files; links only when they resolve inside the checkpoint),
         so a bad entry fails here, before anything is written. ``*.py`` (remote code that loaders run with
@@ -147,7 +149,7 @@ class Checkpoint:
             rel = p.relative_to(self.path)
             if rel.parts[0].startswith(".k2q") or p.name.endswith(shards.TMP_SUFFIX):
                 continue
-            if p.suffix == ".safetensors" or rel.as_posix() in (INDEX, CONFIG):
+            if p.suffix == ".safetensors" or rel.as_posix() in (INDEX, CONFIG, MANIFEST):
                 continue
             if p.suffix == ".py" and not remote_code:
                 continue

@@ -17,11 +17,10 @@ from typing import Callable
 
 from k2quant.errors import FormatError, OutputError, collect
 from k2quant.formats import shards
-from k2quant.formats.checkpoint import CONFIG, INDEX, Checkpoint, source_file
+from k2quant.formats.checkpoint import CONFIG, INDEX, MANIFEST, Checkpoint, source_file
 from k2quant.formats.plan import Plan
 
 STATE_DIR = ".k2q-state"
-MANIFEST = "k2quant_manifest.json"
 
 
 SAMPLES, SAMPLE_BYTES = 16, 1 << 16

@@ -241,3 +241,18 @@ def test_group_size_option(tiny_dirs, tmp_path):
     assert torch.equal(out[m + ".weight_packed"], ref["weight_packed"])
     assert out[m + ".weight_scale"].shape == (96, 5)
     assert config(tmp_path / "o")["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] == 64
+
+
+def test_a_k2quant_output_as_source_does_not_carry_its_manifest(tiny_dirs, tmp_path):
+    """The source's own k2quant_manifest.json is never carried over the new output's manifest (it was, and
+    verify then judged the new shards against the old run's records)."""
+    import json
+
+    from k2quant.formats import verify
+
+    convert.convert(tiny_dirs["bf16"], tmp_path / "fp8", "fp8", qscheme.for_target("fp8"))
+    convert.convert(tmp_path / "fp8", tmp_path / "int4", "int4", qscheme.for_target("int4"), max_shard_size=1_500_000)
+    manifest = json.loads((tmp_path / "int4" / "k2quant_manifest.json").read_text())
+    assert manifest["settings"]["target"] == "int4"
+    assert sorted(manifest["shards"]) == sorted(p.name for p in (tmp_path / "int4").glob("*.safetensors"))
+    assert verify.verify(tmp_path / "fp8", tmp_path / "int4").ok
