@@ -16,10 +16,10 @@ from rich.table import Table
 from k2quant.cli.common import console, out
 from k2quant.cli.options import emit_json, human, json_option, name_list, parse_size
 from k2quant.errors import K2QuantError
-from k2quant.quant.names import CONVERT_INT4_RULE, FORMATS, INT4_GROUP_SIZE, INT4_RULES, KERNELS, RECIPES
+from k2quant.quant.names import (
+    CALIB_SAMPLES, CALIB_SEQ_LEN, CONVERT_INT4_RULE, FORMATS, INT4_GROUP_SIZE, INT4_RULES, KERNELS, METHODS, RECIPES,
+)
 
-METHODS = ("rtn", "gptq")
-CALIB_SAMPLES, CALIB_SEQ_LEN = 64, 256
 
 @click.command()
 @click.argument("src", type=click.Path(file_okay=False, path_type=str))

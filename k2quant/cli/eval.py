@@ -1,6 +1,6 @@
 """``k2quant eval`` and ``k2quant diff``: parse options, call the library, render rich tables.
 
-Registered on the main group in ``k2quant/cli.py``. Bad input raises ``K2QuantError`` (the main CLI
+Registered on the main group in ``k2quant/cli/main.py``. Bad input raises ``K2QuantError`` (the main CLI
 prints it as one line and exits 2); an unmet ``--fail-under`` exits 1.
 """
 from __future__ import annotations

@@ -4,7 +4,10 @@ Errors name the flag and give an example of what it takes.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
+from pathlib import Path
 
 import click
 
@@ -104,14 +107,10 @@ def human(n: float) -> str:
     return str(n)
 
 
-
-
 def json_option(what: str):
     """``--json [FILE]``, the same in every command: the machine-readable ``what`` on stdout (alone), or
     written into FILE (then the tables print as usual)."""
     def check(ctx, param, value: str | None) -> str | None:
-        import os
-
         if value not in (None, "-") and os.path.isdir(value):  # before the command runs, not after
             raise click.BadParameter(f"--json {value}: is a directory; give a file path, e.g. "
                                      f"{os.path.join(value, 'report.json')}")
@@ -123,10 +122,6 @@ def json_option(what: str):
 
 def emit_json(as_json: str | None, obj: dict, indent: int | None = None) -> bool:
     """Write ``obj`` where ``--json`` says; True when it went to stdout (the command prints nothing else)."""
-    import json
-    import os
-    from pathlib import Path
-
     if as_json is None:
         return False
     text = json.dumps(obj, indent=indent, allow_nan=False)

@@ -117,13 +117,18 @@ def hf_config(config: dict):
                           f"restore config.json from the model's release") from None
 
 
-def skeleton(config: dict):
-    """The model ``config`` describes, built on the meta device (no memory, no weights)."""
+def skeleton(config: dict, attn_implementation: str | None = None, experts_implementation: str | None = None):
+    """The model ``config`` describes, built on the meta device (no memory, no weights); optionally with the
+    attention / experts implementation a caller runs it with (set where the config has them)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         hf = hf_config(config)
+        if attn_implementation:
+            hf._attn_implementation = attn_implementation
+        if experts_implementation and hasattr(hf, "_experts_implementation"):
+            hf._experts_implementation = experts_implementation
         try:
             return AutoModelForCausalLM.from_config(hf)
         except FormatError:

@@ -31,6 +31,7 @@ from k2quant.formats import arch, convert, items, layout, load, moe, output, sha
 from k2quant.formats.checkpoint import Checkpoint
 from k2quant.formats.plan import DEFAULT_MAX_SHARD, Item, Plan, make_plan
 from k2quant.quant import gptq, int4_group
+from k2quant.quant.names import CALIB_SAMPLES, CALIB_SEQ_LEN
 from k2quant.quant.scheme import QuantScheme
 
 ACTS = "acts-after-layer-{:05d}.safetensors"
@@ -43,8 +44,8 @@ class CalibConfig:
     """The calibration data and how the layers run it."""
 
     data: tuple[str, ...]
-    samples: int = 64
-    seq_len: int = 256
+    samples: int = CALIB_SAMPLES
+    seq_len: int = CALIB_SEQ_LEN
     batch_size: int = 8
     expert_prior: float = 32.0  # tokens' worth of every-token statistics added to each routed expert's
     dtype: torch.dtype = torch.float32
@@ -91,15 +92,9 @@ def _fingerprint(ids: torch.Tensor) -> str:
 # -- the model skeleton and one layer's weights -----------------------------------------------------
 def skeleton(config: dict):
     """The checkpoint's transformers causal LM on the meta device (sdpa attention, eager experts)."""
-    from transformers import AutoModelForCausalLM
-
-    hf = arch.hf_config(config)  # kimi_k2 as deepseek_v3, no remote code; a bad config is one FormatError
-    hf._attn_implementation = "sdpa"  # causal without a mask tensor: every calibration sequence is full
-    if hasattr(hf, "_experts_implementation"):
-        hf._experts_implementation = "eager"
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf)
-    return model.eval()
+    # sdpa: causal without a mask tensor (every calibration sequence is full); arch maps kimi_k2, runs no
+    # remote code and turns a bad config into one FormatError
+    return arch.skeleton(config, attn_implementation="sdpa", experts_implementation="eager").eval()
 
 
 def _decoder(model):

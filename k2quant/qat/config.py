@@ -62,7 +62,6 @@ class QatConfig:
                                  targets=self.targets, ignore=self.ignore)
 
 
-
 @dataclasses.dataclass
 class QatReport:
     out: str

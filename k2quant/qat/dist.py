@@ -2,8 +2,8 @@
 pieces of the run state.
 
 Under FSDP2 every parameter is a ``DTensor`` sharded along dim 0 (``torch.chunk`` rows); ``weights.codes``
-visits only a rank's own rows, so flip rates are counted on local shards and summed, never gathered. fp32 masters and optimizer state are sharded like
-their parameters and saved per rank (``trainer.rank{r}-of-{w}.pt``); a resume needs the same number of
+visits only a rank's own rows, so flip rates are counted on local shards and summed, never gathered.
+fp32 masters and optimizer state are sharded like their parameters and saved per rank (``trainer.rank{r}-of-{w}.pt``); a resume needs the same number of
 processes. The model itself is saved gathered (one ``model.safetensors``), which export reads.
 
 One FSDP unit must not mix dtypes (FSDP2 asserts a uniform original dtype): the fake-quantized experts
@@ -22,6 +22,7 @@ try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch without distributed
     DTensor = ()  # type: ignore[assignment,misc]
+
 
 def fp32_unit_classes(*models: nn.Module | None) -> list[str]:
     """Class names of the modules whose own (non-recursive) parameters are all fp32, in models that also hold

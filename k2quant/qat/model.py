@@ -22,9 +22,11 @@ def load_teacher(cfg: QatConfig) -> nn.Module:
     return teacher
 
 
-def build_models(cfg: QatConfig, scheme: QuantScheme, with_teacher: bool = True) -> tuple[nn.Module, nn.Module | None]:
+def build_models(cfg: QatConfig, scheme: QuantScheme, with_teacher: bool = True,
+                 stored: dict[str, torch.dtype] | None = None) -> tuple[nn.Module, nn.Module | None]:
     """``(student, teacher)``: the source as loaded (teacher, frozen bf16) and a prepared copy
-    (``teacher`` None when ``with_teacher`` is False: the student alone, loaded once)."""
+    (``teacher`` None when ``with_teacher`` is False: the student alone, loaded once). ``stored``:
+    ``load.stored_dtypes`` of the source, when the caller has it already."""
     teacher = load_teacher(cfg)
     student = copy.deepcopy(teacher) if with_teacher else teacher
     teacher = teacher if with_teacher else None
@@ -32,7 +34,7 @@ def build_models(cfg: QatConfig, scheme: QuantScheme, with_teacher: bool = True)
     if not holders:
         raise K2QuantError(f"{cfg.src}: no weight matches the targets {list(scheme.targets)} minus ignore "
                            f"{list(scheme.ignore)}; nothing would be fake-quantized: check --targets/--ignore")
-    _check_export_names(cfg.src, student)
+    _check_export_names(cfg.src, student, load.stored_dtypes(cfg.src) if stored is None else stored)
     for h in holders:  # targeted holders keep fp32 masters; the forward casts through fake quant
         module = student.get_submodule(h.name)
         for p in (wrap.EXPERT_PROJ if h.experts else ("weight",)):
@@ -48,11 +50,10 @@ def build_models(cfg: QatConfig, scheme: QuantScheme, with_teacher: bool = True)
     return student, teacher
 
 
-def _check_export_names(src: str, model: nn.Module) -> None:
+def _check_export_names(src: str, model: nn.Module, stored: dict[str, torch.dtype]) -> None:
     """The export writes each targeted weight under its module name (fused experts split as
     ``<experts>.<e>.{gate,up,down}_proj``): refuse a family whose checkpoint stores them otherwise (Mixtral's
     ``block_sparse_moe.experts.<e>.w1``), before training, rather than export names no loader reads."""
-    stored = load.stored_dtypes(src)
     odd = [name for name, _, _ in weights.targeted(model) if name + ".weight" not in stored]
     if odd:
         raise K2QuantError(f"{src}: qat would export {odd[0]!r} (and {len(odd) - 1} more), but the checkpoint stores "
@@ -69,10 +70,10 @@ def targeted_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
-def stored_grid(src: str, model: nn.Module) -> dict[str, torch.dtype]:
+def stored_grid(stored: dict[str, torch.dtype], model: nn.Module) -> dict[str, torch.dtype]:
     """``{parameter: stored dtype}`` for the non-targeted parameters that the model holds in a wider dtype
-    than the checkpoint ``src`` stores them (transformers 5.24+ keeps DeepSeek-V3's BF16 router in fp32)."""
-    stored = load.stored_dtypes(src)
+    than the checkpoint stores them (``stored``: ``load.stored_dtypes`` of the source; transformers 5.24+ keeps
+    DeepSeek-V3's BF16 router in fp32)."""
     targeted = {n for n, _ in targeted_params(model)}
     out = {}
     for name, p in model.named_parameters():

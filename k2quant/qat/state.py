@@ -123,11 +123,14 @@ def _fits(value: object, annotation: str) -> bool:
     return False
 
 
-def begin(cfg: QatConfig, resume: Path | None) -> None:
-    """Before a run: a resume must use the saved settings; ``cfg.out`` must be empty or hold this run's state."""
-    if resume is not None:
-        check_resume(read_run(resume)[0], cfg, resume)
+def begin(cfg: QatConfig, resume: Path | None) -> int:
+    """Before a run: a resume must use the saved settings; ``cfg.out`` must be empty or hold this run's state.
+    Returns the step training starts at (the saved one, or 0)."""
+    saved, step = read_run(resume) if resume is not None else (None, 0)
+    if saved is not None:
+        check_resume(saved, cfg, resume)
     prepare_out(Path(cfg.out), resume is not None)
+    return step
 
 
 def check_resume(saved: QatConfig, cfg: QatConfig, state_dir: str | Path) -> None:

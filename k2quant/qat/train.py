@@ -93,7 +93,7 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
     scheme = cfg.scheme()
     out = Path(cfg.out)
     resume = Path(resume) if resume is not None else None
-    state.begin(cfg, resume)  # a resume must use the saved settings; OUT must be empty or this run's
+    first = state.begin(cfg, resume)  # the step training starts at; a resume must use the saved settings
     src = Checkpoint(cfg.src)  # opened once: its format, INT4 audit and extra files
     audit = export.check_int4_source(cfg, scheme, src)
     torch.manual_seed(cfg.seed)
@@ -104,13 +104,13 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
     if cfg.batch_size % accelerator.num_processes:
         raise K2QuantError(f"--batch-size {cfg.batch_size} does not split over {accelerator.num_processes} "
                            f"processes; use a multiple of {accelerator.num_processes}")
-    first = state.read_run(resume)[1] if resume else 0  # the step training starts at
     teacher = _topk_teacher(cfg, accelerator, train_seqs, held, first) if cfg.teacher_topk > 0 else None
-    student, model_teacher = build_models(cfg, scheme, with_teacher=teacher is None)  # wrappers before sharding
+    stored = load.stored_dtypes(cfg.src)  # the BF16 form's dtypes on disk (export names, the router's grid)
+    student, model_teacher = build_models(cfg, scheme, with_teacher=teacher is None, stored=stored)  # before sharding
     student, model_teacher = dist.distribute(accelerator, student, model_teacher)
     teacher = teacher if teacher is not None else model_teacher
     model = accelerator.unwrap_model(student)  # names without a DDP prefix; FSDP2 shards in place
-    masters = Masters(model, stored_grid(cfg.src, model))
+    masters = Masters(model, stored_grid(stored, model))
     opt = torch.optim.AdamW(masters.masters, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg))
     step = state.load_state(resume, student, masters, opt, sched, accelerator) if resume else 0

@@ -35,6 +35,10 @@ KIMI_INT4_IGNORE: tuple[str, ...] = (
 #: The routed experts, as module names (no ``.weight``).
 ROUTED_EXPERTS = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
 
+#: INT4 methods: rtn = round to nearest; gptq = calibrated one decoder layer at a time (formats.calibrate)
+METHODS: tuple[str, ...] = ("rtn", "gptq")
+CALIB_SAMPLES, CALIB_SEQ_LEN = 64, 256  # calibration sequences and their length, by default
+
 #: kernel choices: fast = compiled CPU kernels (numba), reference = pure torch (any device)
 KERNELS: tuple[str, ...] = ("auto", "fast", "reference")
 
