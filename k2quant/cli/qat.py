@@ -14,7 +14,7 @@ from rich.table import Table
 from k2quant.cli.options import name_list
 from k2quant.errors import K2QuantError
 from k2quant.qat.config import LOSSES, TRAIN, QatConfig, QatReport
-from k2quant.quant.names import INT4_GROUP_SIZE, INT4_RULES, QAT_INT4_RULE
+from k2quant.quant.names import INT4_GROUP_SIZE, INT4_RULES, QAT_INT4_RULE, RECIPES
 
 
 class _TrainByDefault(click.Group):
@@ -46,10 +46,17 @@ def qat() -> None:
 @click.option("--targets", multiple=True, help="Modules to fake-quantize (name or re:regex, re.match); repeatable. "
               "Default: the routed experts, as convert.")
 @click.option("--ignore", multiple=True, help="Modules to leave unquantized; repeatable. Default: Kimi's list.")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
+              help="Selection by name, read from the model (as convert): experts = routed experts only (K2-Thinking); "
+              "linear = every Linear but lm_head; mlp = MLPs and experts only.")
+@click.option("--teacher", type=click.Path(file_okay=False), default=None,
+              help="Checkpoint to distill from (default SRC); e.g. the BF16 model when SRC is a GPTQ INT4 start.")
 @click.option("--teacher-topk", type=int, default=0, show_default=True,
               help="KL to the teacher's top-k log-probs, computed before training so the teacher model is freed "
                    "(0: the whole teacher runs in each step).")
-@click.option("--train", "train_", type=click.Choice(TRAIN), default="all", show_default=True)
+@click.option("--train", "train_", type=click.Choice(TRAIN), default="all", show_default=True,
+              help="What the optimizer updates: all parameters, or only the fake-quantized targets "
+                   "(experts: the old name of targets).")
 @click.option("--warmup", type=float, default=0.1, show_default=True, help="Share of steps.")
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clip (0: off).")
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True)
@@ -63,7 +70,7 @@ def qat() -> None:
 @click.option("--tokenizer", type=click.Path(file_okay=False), help="Tokenizer dir (default: SRC).")
 @click.option("--requantize", is_flag=True, help="Start from an INT4 source the scale rule does not reproduce.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (from OUT/state).")
-def train(src, data, eval_data, out, train_, targets, ignore, resume, old_json, **opts) -> None:
+def train(src, data, eval_data, out, train_, targets, ignore, recipe, resume, old_json, **opts) -> None:
     """Train SRC (bf16, fp8 or int4) with fake-quant experts and export INT4 to OUT."""
     from k2quant.qat import state, train as qat_train
 
@@ -87,8 +94,12 @@ def train(src, data, eval_data, out, train_, targets, ignore, resume, old_json, 
     missing = [f"--{n}" for n, v in (("data", data), ("out", out)) if not v] + ([] if src else ["SRC"])
     if missing:
         raise K2QuantError(f"qat: missing {', '.join(missing)}; usage: k2quant qat SRC --data FILE --out DIR")
-    cfg = QatConfig(src=str(src), data=list(data), out=str(out), train=train_, targets=name_list("--targets", targets),
-                    ignore=name_list("--ignore", ignore), eval_data=list(eval_data or ()) or None, **opts)
+    from k2quant.formats import selection
+
+    targets, ignore = selection.with_recipe(recipe, src, name_list("--targets", targets),
+                                            name_list("--ignore", ignore) if ignore else None)
+    cfg = QatConfig(src=str(src), data=list(data), out=str(out), train=train_, targets=targets, ignore=ignore,
+                    eval_data=list(eval_data or ()) or None, **opts)
     console = Console(stderr=True)
     main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun only rank 0 reports
     with Progress(TextColumn("[bold]qat"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

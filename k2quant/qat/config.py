@@ -13,10 +13,13 @@ if TYPE_CHECKING:
     from k2quant.quant.scheme import QuantScheme
 
 LOSSES = ("kl", "ce", "ce+kl")
-TRAIN = ("all", "experts")
+#: what the optimizer updates: every parameter, or only the fake-quantized weights ("experts": the old name of
+#: "targets", from when the targets were always the routed experts)
+TRAIN = ("all", "targets", "experts")
 #: settings that decide the trained weights: a resume must use the same ones
 RESULT_FIELDS = ("src", "data", "steps", "lr", "seq_len", "batch_size", "loss", "scale_rule", "group_size", "targets",
-                 "ignore", "train", "warmup", "min_lr_ratio", "clip", "seed", "eval_fraction", "fake_quant", "teacher_topk")
+                 "ignore", "train", "warmup", "min_lr_ratio", "clip", "seed", "eval_fraction", "fake_quant", "teacher_topk",
+                 "teacher")
 
 
 @dataclasses.dataclass
@@ -51,6 +54,7 @@ class QatConfig:
     tokenizer: str | None = None
     fake_quant: bool = True  # False: the same run without fake quant (for measurements)
     teacher_topk: int = 0  # >0: the teacher's top-k log-probs computed up front, the teacher model freed
+    teacher: str | None = None  # the checkpoint distilled from (default: src), e.g. BF16 when src is a GPTQ start
     requantize: bool = False  # accept an INT4 source whose codes the scale rule does not reproduce
     stop_after: int | None = None  # stop (after saving) at this step, as a crash would
     export: bool = True

@@ -1,7 +1,7 @@
 """Fake-quant matmuls whose weight is recomputed in backward instead of saved.
 
-``linear(x, w, scheme)`` computes ``F.linear(x, fq(w))`` with ``fq = kernels(scheme).fake_quantize``
-(the convert kernels' own quantize -> dequantize, output in ``x.dtype``). Backward is the
+``linear(x, w, scheme)`` computes ``F.linear(x, fq(w))`` with ``fq = dispatch.fake_quantize`` (the convert
+kernels' own quantize -> dequantize, output in ``x.dtype``; on CPU one fused pass tested equal to them). Backward is the
 straight-through estimator: ``dL/dw = dL/dfq(w)`` (identity), and ``fq(w)`` is recomputed from
 ``w`` rather than kept alive, so no full-size fake-quant copy survives between forward and backward.
 Only ``x`` and ``w`` (a view of the parameter) are saved.
@@ -20,7 +20,7 @@ def weight(w: torch.Tensor, scheme: QuantScheme | None, out_dtype: torch.dtype) 
     with torch.no_grad():
         if scheme is None:  # fake quant switched off: the same matmul on the cast weight
             return w.detach().to(out_dtype)
-        return dispatch.kernels(scheme).fake_quantize(w.detach(), scheme, out_dtype=out_dtype)
+        return dispatch.fake_quantize(w.detach(), scheme, out_dtype)  # one fused pass on CPU
 
 
 class _FakeQuantLinear(torch.autograd.Function):

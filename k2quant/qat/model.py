@@ -16,10 +16,21 @@ from k2quant.quant.scheme import QuantScheme
 
 
 def load_teacher(cfg: QatConfig) -> nn.Module:
-    """The source as loaded: frozen, bf16."""
-    teacher = load.load_model(cfg.src, dtype=torch.bfloat16)
+    """The model distilled from (``--teacher``, default the source) as loaded: frozen, bf16."""
+    teacher = load.load_model(cfg.teacher or cfg.src, dtype=torch.bfloat16)
     teacher.requires_grad_(False)
     return teacher
+
+
+def check_teacher(cfg: QatConfig) -> None:
+    """``--teacher`` must predict over the source's vocabulary (its KL is taken token by token)."""
+    if not cfg.teacher:
+        return
+    vocab = {p: load.hf_config(p).vocab_size for p in (cfg.src, cfg.teacher)}
+    if vocab[cfg.src] != vocab[cfg.teacher]:
+        raise K2QuantError(f"--teacher {cfg.teacher}: its vocabulary has {vocab[cfg.teacher]} tokens, the source "
+                           f"{cfg.src} has {vocab[cfg.src]}; the KL needs the same tokenizer: pass a teacher of the "
+                           f"same model family (typically the BF16 checkpoint the source was quantized from)")
 
 
 def build_models(cfg: QatConfig, scheme: QuantScheme, with_teacher: bool = True,
@@ -27,9 +38,14 @@ def build_models(cfg: QatConfig, scheme: QuantScheme, with_teacher: bool = True,
     """``(student, teacher)``: the source as loaded (teacher, frozen bf16) and a prepared copy
     (``teacher`` None when ``with_teacher`` is False: the student alone, loaded once). ``stored``:
     ``load.stored_dtypes`` of the source, when the caller has it already."""
-    teacher = load_teacher(cfg)
-    student = copy.deepcopy(teacher) if with_teacher else teacher
-    teacher = teacher if with_teacher else None
+    if cfg.teacher:  # another checkpoint: the student is the source, loaded on its own
+        check_teacher(cfg)
+        student = load.load_model(cfg.src, dtype=torch.bfloat16)
+        teacher = load_teacher(cfg) if with_teacher else None
+    else:
+        teacher = load_teacher(cfg)
+        student = copy.deepcopy(teacher) if with_teacher else teacher
+        teacher = teacher if with_teacher else None
     holders = wrap.prepare(student, scheme)
     if not holders:
         raise K2QuantError(f"{cfg.src}: no weight matches the targets {list(scheme.targets)} minus ignore "
@@ -40,7 +56,7 @@ def build_models(cfg: QatConfig, scheme: QuantScheme, with_teacher: bool = True,
         for p in (wrap.EXPERT_PROJ if h.experts else ("weight",)):
             setattr(module, p, nn.Parameter(getattr(module, p).detach().float()))
     wrap.set_enabled(student, cfg.fake_quant)
-    trained = {id(p) for _, p in targeted_params(student)} if cfg.train == "experts" else None
+    trained = {id(p) for _, p in targeted_params(student)} if cfg.train in ("targets", "experts") else None
     for p in student.parameters():
         p.requires_grad_(trained is None or id(p) in trained)
     if cfg.grad_checkpointing:

@@ -27,7 +27,7 @@ from k2quant.qat.config import QatConfig, QatReport
 from k2quant.qat.data import batch_indices, datasets
 from k2quant.qat.losses import TopkTeacher, eval_batches, evaluate, losses
 from k2quant.qat.masters import Masters
-from k2quant.qat.model import build_models, load_teacher, stored_grid
+from k2quant.qat.model import build_models, check_teacher, load_teacher, stored_grid
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
     scheme = cfg.scheme()
     out = Path(cfg.out)
     resume = Path(resume) if resume is not None else None
+    check_teacher(cfg)  # before anything is written
     first = state.begin(cfg, resume)  # the step training starts at; a resume must use the saved settings
     src = Checkpoint(cfg.src)  # opened once: its format, INT4 audit and extra files
     audit = export.check_int4_source(cfg, scheme, src)

@@ -97,3 +97,13 @@ def ops(kernel: str = "auto", device: str = "cpu") -> Ops:
         raise SchemeError("--kernel fast: numba, a k2quant dependency, did not import or compile here (reinstall "
                           "it: pip install numba); or use --kernel reference (the same bytes, slower)")
     return fast or REFERENCE
+
+
+def fake_quantize(w: torch.Tensor, scheme: QuantScheme, out_dtype: torch.dtype, kernel: str = "auto") -> torch.Tensor:
+    """``kernels(scheme).fake_quantize(w, scheme, out_dtype)`` (forward value, no autograd): the fused one-pass
+    CPU kernel for INT4 when ``kernel`` allows it, the reference otherwise (the same values)."""
+    if scheme.dtype == INT4 and w.dtype in (torch.float32, torch.bfloat16) and ops(kernel, w.device.type).name == "fast":
+        from k2quant.quant import fast
+
+        return fast.int4_fake_quantize(w, scheme.group_size, scheme.scale_rule, out_dtype)
+    return kernels(scheme).fake_quantize(w, scheme, out_dtype=out_dtype)

@@ -445,3 +445,45 @@ def count_nonfinite(t: torch.Tensor) -> int:
         return 0
     _threads()
     return int(_count_special(bits, bits.dtype.type(mask)))
+
+
+# -- QAT: fake quant (quantize -> dequantize) in one pass -------------------------------------------
+@functools.cache
+def _int4_fake_quantize_kernel(g: int):
+    @numba.njit(parallel=True, **_JIT)
+    def kernel(w, library, out):
+        """w [N, K] (bf16 or fp32 bits) -> out [N, K] bf16 bits of ``dequantize(quantize(w))``."""
+        n, k = w.shape
+        for r in numba.prange(n):
+            x = w[r]
+            o = out[r]
+            for gi in range(k // g):
+                c0 = gi * g
+                m = np.uint32(0)
+                for c in range(c0, c0 + g):
+                    m = max(m, _abs_bits(x[c]))
+                s = _f32_of_bf16(_int4_scale_bits(_amax_f32(m), library))
+                if library:  # the codes exactly as _int4_encode_row computes them
+                    for c in range(c0, c0 + g):
+                        v = np.rint(_clamp(_f32_of_bf16(_bf16_bits(_as_bf16_f32(x[c]) / s)),
+                                           np.float32(-8), np.float32(7)))
+                        o[c] = _bf16_bits(v * s)
+                else:
+                    for c in range(c0, c0 + g):
+                        v = _clamp(np.rint(_as_f32(x[c]) / s), np.float32(-7), np.float32(7))
+                        o[c] = _bf16_bits(v * s)
+    return kernel
+
+
+def int4_fake_quantize(w: torch.Tensor, group_size: int, scale_rule: str,
+                       out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``int4_group.fake_quantize(w, scheme, out_dtype)`` (forward value) in one pass: the bf16 product
+    ``code * scale``, cast to ``out_dtype`` (exact for fp32). ``w`` ``[..., N, K]`` fp32 or bf16, finite."""
+    _check_cpu(w)
+    assert scale_rule in SCALE_RULES, f"unknown scale rule {scale_rule!r}"
+    *lead, n, k = w.shape
+    assert k % group_size == 0, f"K={k} not divisible by group size {group_size}"
+    out = np.empty((n * int(np.prod(lead)), k), np.uint16)
+    _threads()
+    _int4_fake_quantize_kernel(group_size)(_float_array(w.reshape(-1, k)), scale_rule == "library", out)
+    return torch.from_numpy(out).view(torch.bfloat16).reshape(w.shape).to(out_dtype)

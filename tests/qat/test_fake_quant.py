@@ -233,3 +233,25 @@ def test_qat_imports_only_quant_and_torch():
                 [node.module] if isinstance(node, ast.ImportFrom) else []
             for n in names:
                 assert n.startswith(allowed), f"{path.name} imports {n}"
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_fused_fake_quant_kernel_equals_the_oracle_and_the_reference(rule, dtype):
+    """The one-pass CPU kernel QAT uses (``dispatch.fake_quantize``) against ``fq_ref`` and the reference kernel,
+    on values with rounding ties, all-zero groups, tiny and huge groups, an expert stack; bf16 and fp32 outputs."""
+    from k2quant.quant import dispatch, fast
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(3, 40, 128, generator=g) * torch.logspace(-6, 3, 40)[None, :, None]
+    w[0, 0] = 0.0  # an all-zero row: every group gets the eps scale
+    w[1, 1, :32] = torch.arange(32) * 0.5 - 8  # exact halves: ties
+    w = w.to(dtype)
+    scheme = qscheme.for_target("int4", scale_rule=rule)
+    assert fast.available()
+    for out_dtype in (torch.bfloat16, torch.float32):
+        got = dispatch.fake_quantize(w, scheme, out_dtype)
+        assert got.dtype == out_dtype
+        assert torch.equal(got, fq_ref(w, rule).to(out_dtype))
+        assert torch.equal(got, int4_group.fake_quantize(w, scheme, out_dtype=out_dtype))
+        assert torch.equal(got, dispatch.fake_quantize(w, scheme, out_dtype, kernel="reference"))
