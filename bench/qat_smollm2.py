@@ -130,7 +130,7 @@ def speed(steps: int, rounds: int) -> None:
     for _ in range(rounds):
         for name in runs:
             out = subprocess.run([sys.executable, __file__, "_child", "--fq", str(int(name == "fake_quant")),
-                                  "--steps", str(steps)], check=True, capture_output=True, text=True).stdout
+                                  "--speed-steps", str(steps)], check=True, capture_output=True, text=True).stdout
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
     res = {}
     for name, rs in runs.items():
@@ -178,7 +178,7 @@ def main() -> None:
     ap.add_argument("--tag", default=None)
     ap.add_argument("--names", nargs="*", default=[])
     ap.add_argument("--eval-seqs", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--speed-steps", type=int, default=6, help="speed: steps per child process")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--fq", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
@@ -191,9 +191,9 @@ def main() -> None:
     elif a.stage == "score":
         score(a.names, a.eval_seqs)
     elif a.stage == "speed":
-        speed(a.steps, a.rounds)
+        speed(a.speed_steps, a.rounds)
     elif a.stage == "_child":
-        print(json.dumps(_child_speed(bool(a.fq), a.steps)))
+        print(json.dumps(_child_speed(bool(a.fq), a.speed_steps)))
     else:
         print(table())
 

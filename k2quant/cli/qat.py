@@ -37,7 +37,8 @@ def qat() -> None:
 @click.option("--eval-data", multiple=True, help="Held-out data (default: the last --eval-fraction of --data).")
 @click.option("--out", type=click.Path(file_okay=False), help="Output dir: INT4 export, plus state/.")
 @click.option("--steps", type=int, default=2000, show_default=True)
-@click.option("--lr", type=float, default=1e-5, show_default=True)
+@click.option("--lr", type=float, default=QatConfig.lr, show_default=True,
+              help="Peak AdamW learning rate (linear warmup, cosine to 0).")
 @click.option("--seq-len", type=int, default=4096, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--loss", type=click.Choice(LOSSES), default="kl", show_default=True)
@@ -51,10 +52,10 @@ def qat() -> None:
               "linear = every Linear but lm_head; mlp = MLPs and experts only.")
 @click.option("--teacher", type=click.Path(file_okay=False), default=None,
               help="Checkpoint to distill from (default SRC); e.g. the BF16 model when SRC is a GPTQ INT4 start.")
-@click.option("--teacher-topk", type=int, default=0, show_default=True,
-              help="KL to the teacher's top-k log-probs, computed before training so the teacher model is freed "
-                   "(0: the whole teacher runs in each step).")
-@click.option("--train", "train_", type=click.Choice(TRAIN), default="all", show_default=True,
+@click.option("--teacher-topk", type=int, default=QatConfig.teacher_topk, show_default=True,
+              help="KL to the teacher's top-k log-probs (the rest of the vocabulary as one bucket), computed before "
+                   "training so the teacher model is freed (0: the whole teacher runs in each step, full KL).")
+@click.option("--train", "train_", type=click.Choice(TRAIN), default=QatConfig.train, show_default=True,
               help="What the optimizer updates: all parameters, or only the fake-quantized targets "
                    "(experts: the old name of targets).")
 @click.option("--warmup", type=float, default=0.1, show_default=True, help="Share of steps.")

@@ -135,7 +135,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     sd = dequantized_state_dict(path)
     model, info = cls.from_pretrained(None, config=config, state_dict=sd, dtype=dtype, output_loading_info=True,
                                       **kwargs)
-    missing = [k for k in info.get("missing_keys", ()) if k not in _tied(model)]
+    missing = [k for k in info.get("missing_keys", ()) if k not in tied_names(model)]
     if missing or info.get("mismatched_keys"):
         raise FormatError(f"{path}: {cls.__name__} expects tensors the checkpoint does not hold: missing "
                           f"{sorted(missing)[:5]}, mismatched {list(info.get('mismatched_keys') or [])[:5]}; the "
@@ -143,7 +143,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     return model.to(device).eval()
 
 
-def _tied(model) -> set[str]:
+def tied_names(model) -> set[str]:
     """Parameter names that share storage with another (tied embeddings): absent on disk by design."""
     out = set()
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from k2quant.errors import K2QuantError, OutputError
-from k2quant.formats import shards
+from k2quant.formats import load, shards
 from k2quant.formats.checkpoint import CONFIG, Checkpoint
 from k2quant.qat import dist
 from k2quant.qat.config import RESULT_FIELDS, QatConfig
@@ -153,9 +153,16 @@ def load_state(state_dir: Path, student: nn.Module, masters: Masters, opt, sched
     if dist.is_fsdp(accelerator):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(student, sd, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(student, sd, options=StateDictOptions(full_state_dict=True, strict=False))
     else:
-        accelerator.unwrap_model(student).load_state_dict(sd)
+        accelerator.unwrap_model(student).load_state_dict(sd, strict=False)
+    model = accelerator.unwrap_model(student)
+    missing = set(model.state_dict()) - set(sd) - load.tied_names(model)
+    unknown = set(sd) - set(model.state_dict())
+    if missing or unknown:
+        raise K2QuantError(f"{state_dir / MODEL_FILE}: does not fit this model (missing {sorted(missing)[:3]}, unknown "
+                           f"{sorted(unknown)[:3]}); the state is from another run: resume from an intact state or "
+                           f"start a new run")
     tr = read_trainer(trainer)
     try:
         masters.load_state_dict(tr["masters"])

@@ -115,6 +115,7 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
     opt = torch.optim.AdamW(masters.masters, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg))
     step = state.load_state(resume, student, masters, opt, sched, accelerator) if resume else 0
+    tied = load.tied_names(model)  # lm_head tied to the embeddings (SmolLM2, Llama 3.2): not saved twice
     counter = ExpertCounter(model)
     last_codes = _codes(model) if cfg.log_every else {}
     main = accelerator.is_main_process  # logs once, for all processes
@@ -135,6 +136,7 @@ def run(cfg: QatConfig, resume: str | Path | None = None, progress: Progress | N
             _emit(rec, logf, progress)
             if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or step == cfg.stop_after:
                 model_sd = masters.stored(accelerator.get_state_dict(student))  # gathered when sharded
+                model_sd = {k: v for k, v in model_sd.items() if k not in tied}  # tied: stored once, as the source
                 state.save_state(out / state.STATE, cfg, src, step, model_sd, masters, opt, sched, tokenizer,
                                  accelerator)
     finally:

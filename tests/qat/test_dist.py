@@ -40,7 +40,8 @@ def work(tmp_path_factory):
 
 def _cfg(root: Path, src: Path, out: str, **kw) -> qat_config.QatConfig:
     base = dict(src=str(src), data=[str(root / "data")], out=str(root / out), steps=4, lr=1e-3, seq_len=32,
-                batch_size=4, loss="ce+kl", warmup=0.25, eval_batches=1, log_every=1, train="all", save_every=2)
+                batch_size=4, loss="ce+kl", warmup=0.25, eval_batches=1, log_every=1, train="all", save_every=2,
+                teacher_topk=0)
     return qat_config.QatConfig(**{**base, **kw})
 
 

@@ -40,7 +40,8 @@ def work(tmp_path_factory):
 
 def _cfg(root: Path, src: Path, out_name: str, **kw) -> qat_config.QatConfig:
     base = dict(src=str(src), data=[str(root / "data")], out=str(root / out_name), steps=6, lr=3e-3, seq_len=32,
-                batch_size=2, loss="ce+kl", warmup=0.2, eval_batches=2, log_every=1)
+                batch_size=2, loss="ce+kl", warmup=0.2, eval_batches=2, log_every=1, train="all",
+                teacher_topk=0)
     return qat_config.QatConfig(**{**base, **kw})
 
 
