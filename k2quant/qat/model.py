@@ -12,6 +12,7 @@ from k2quant.errors import K2QuantError
 from k2quant.formats import load
 from k2quant.qat import weights, wrap
 from k2quant.qat.config import QatConfig
+from k2quant.quant import int4_group
 from k2quant.quant.scheme import QuantScheme
 
 
@@ -55,6 +56,8 @@ def build_models(cfg: QatConfig, scheme: QuantScheme, with_teacher: bool = True,
         module = student.get_submodule(h.name)
         for p in (wrap.EXPERT_PROJ if h.experts else ("weight",)):
             setattr(module, p, nn.Parameter(getattr(module, p).detach().float()))
+    if cfg.teacher and scheme.scale_rule == "kimi" and _is_int4(cfg.src):
+        start_in_bins(student, teacher if teacher is not None else load_teacher(cfg), scheme)
     wrap.set_enabled(student, cfg.fake_quant)
     trained = {id(p) for _, p in targeted_params(student)} if cfg.train in ("targets", "experts") else None
     for p in student.parameters():
@@ -64,6 +67,53 @@ def build_models(cfg: QatConfig, scheme: QuantScheme, with_teacher: bool = True,
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     return student, teacher
+
+
+def _is_int4(path: str) -> bool:
+    from k2quant.formats import source
+    from k2quant.formats.checkpoint import Checkpoint
+
+    return source.detect(Checkpoint(path)).name == "int4"
+
+
+def in_bins(start: torch.Tensor, target: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Latent weights for a start ``[..., N, K]`` that lies on the kimi INT4 grid: ``target`` (the teacher's
+    weights) moved into the bin of the start's code, so fake quant still gives exactly the start.
+
+    A start read from an INT4 checkpoint sits on grid points, half a step from every rounding boundary: small
+    updates never change a code, and QAT from it would barely move. In its bin, each weight keeps the start's
+    code and scale at step 0 but sits where the unquantized model has it, so updates can move it across the
+    boundary it is near. Each group's largest start element stays as it is (it sets the scale: amax / 7 must
+    give the same bf16 scale); the others stay within ``[-7s, 7s]`` and a hair inside their bin edges. Groups
+    whose fake quant would still differ keep the start (none in practice; the caller checks the result)."""
+    q, scale = int4_group.quantize_weight(start, scheme)
+    g = scheme.group_size
+    s = scale.float().repeat_interleave(g, dim=-1)
+    qf = q.float()
+    groups = start.float().reshape(*start.shape[:-1], -1, g)
+    amax = groups.abs().amax(-1, keepdim=True).expand_as(groups).reshape(start.shape)  # no latent goes beyond
+    eps = s * 1e-3  # inside the bin: rint's half-even ties are never reached
+    lo = torch.where(qf <= -7, -amax, (qf - 0.5) * s + eps)
+    hi = torch.where(qf >= 7, amax, (qf + 0.5) * s - eps)
+    out = torch.minimum(torch.maximum(target.float(), lo), hi)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.abs().argmax(-1, keepdim=True), True)
+    out = torch.where(keep.reshape(start.shape), start.float(), out)
+    same = int4_group.fake_quantize(out, scheme, torch.bfloat16) == int4_group.fake_quantize(start.float(), scheme,
+                                                                                              torch.bfloat16)
+    ok = same.reshape(groups.shape).all(-1, keepdim=True).expand_as(groups).reshape(start.shape)
+    return torch.where(ok, out, start.float())
+
+
+@torch.no_grad()
+def start_in_bins(student: nn.Module, teacher: nn.Module, scheme: QuantScheme) -> None:
+    """``in_bins`` for every targeted weight of a student loaded from INT4, with the teacher's same-named weights."""
+    t_params = dict(teacher.named_parameters())
+    for name, p in targeted_params(student):
+        t = t_params.get(name)
+        if t is None or t.shape != p.shape:
+            raise K2QuantError(f"--teacher: has no weight {name!r} of shape {list(p.shape)} to start the student's "
+                               f"latent weights from; use the BF16 checkpoint the INT4 source was made from")
+        p.copy_(in_bins(p.detach(), t.detach(), scheme))
 
 
 def _check_export_names(src: str, model: nn.Module, stored: dict[str, torch.dtype]) -> None:
