@@ -51,7 +51,8 @@ def qat() -> None:
               help="Selection by name, read from the model (as convert): experts = routed experts only (K2-Thinking); "
               "linear = every Linear but lm_head; mlp = MLPs and experts only.")
 @click.option("--teacher", type=click.Path(file_okay=False), default=None,
-              help="Checkpoint to distill from (default SRC); e.g. the BF16 model when SRC is a GPTQ INT4 start.")
+              help="Checkpoint to distill from (default SRC), e.g. the BF16 model when SRC is a GPTQ INT4 start; "
+                   "then the latent weights start at the teacher's values inside SRC's code bins (step 0 = SRC).")
 @click.option("--teacher-topk", type=int, default=QatConfig.teacher_topk, show_default=True,
               help="KL to the teacher's top-k log-probs (the rest of the vocabulary as one bucket), computed before "
                    "training so the teacher model is freed (0: the whole teacher runs in each step, full KL).")
