@@ -108,7 +108,7 @@ class TopkTeacher:
 
     @torch.no_grad()
     def add(self, teacher: nn.Module, ids: torch.Tensor) -> None:
-        logits = teacher(ids).logits  # [B, T, V]
+        logits = teacher(ids, use_cache=False).logits  # [B, T, V]; no KV cache to build
         lse, _ = logz_gather(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1, 1))
         v, i = logits.topk(min(self.k, logits.shape[-1]), dim=-1)  # [B, T, k]: the top logits are the top log-probs
         logp = v.float() - lse.reshape(*ids.shape, 1)
@@ -134,7 +134,7 @@ def _student_terms(teacher, logits: torch.Tensor, ids: torch.Tensor) -> tuple[to
         ce_tok = (lse - picked[:, k]).reshape(b, t)
     else:
         with torch.no_grad():
-            t_logits = teacher(ids).logits
+            t_logits = teacher(ids, use_cache=False).logits
         kl = kl_to_teacher(logits, t_logits)
         lse, picked = logz_gather(flat, nxt)
         ce_tok = (lse - picked[:, 0]).reshape(b, t)
@@ -144,7 +144,7 @@ def _student_terms(teacher, logits: torch.Tensor, ids: torch.Tensor) -> tuple[to
 def losses(cfg: QatConfig, student: nn.Module, teacher, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The training loss and its parts (``kl``, ``ce``) for one batch ``[B, T]``; ``teacher`` a model or a
     ``TopkTeacher``."""
-    kl, ce = _student_terms(teacher, student(ids).logits, ids)
+    kl, ce = _student_terms(teacher, student(ids, use_cache=False).logits, ids)
     total = {"kl": kl, "ce": ce, "ce+kl": ce + kl}[cfg.loss]
     return total, {"kl": kl.item(), "ce": ce.item()}
 
@@ -165,7 +165,7 @@ def evaluate(student: nn.Module, teacher: nn.Module, seqs: torch.Tensor, batch_s
     student.eval()
     kls, ces = [], []
     for ids in eval_batches(seqs, batch_size, max_batches):
-        kl, ce = _student_terms(teacher, student(ids).logits, ids)
+        kl, ce = _student_terms(teacher, student(ids, use_cache=False).logits, ids)
         kls.append(float(kl))
         ces.append(float(ce))
     student.train(was)
