@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import errno
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -74,12 +75,15 @@ class ShardJob:
 
 
 class _AsyncWriter:
-    """A ShardWriter fed from a bounded queue by a thread, so writing overlaps reading and compute."""
+    """A ShardWriter fed from a bounded queue by a thread, which also fsyncs it and, once released, renames it
+    into place: writing and the fsync overlap reading and compute, of this shard and of the next one."""
 
     def __init__(self, writer: shards.ShardWriter, depth: int = 4):
         self.writer, self.q = writer, queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.sha: str | None = None
+        self.released, self.commit = threading.Event(), False
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"k2q-write {writer.path.name}")
         self.thread.start()
 
     def _run(self) -> None:
@@ -93,28 +97,92 @@ class _AsyncWriter:
                         self.writer.write_raw(name, data)
                 except BaseException as exc:  # re-raised in the producer thread
                     self.error = exc
+        try:
+            if self.error is None:
+                self.writer.sync()  # the fsync, before the release: it overlaps the next shard's compute
+            self.released.wait()
+            if self.commit and self.error is None:
+                self.sha = self.writer.commit()
+                return
+        except BaseException as exc:
+            self.error = self.error or exc
+        self.writer.abort()
 
     def put(self, name: str, data: object) -> None:
         if self.error:
             raise self.error
         self.q.put((name, data))
 
-    def close(self) -> None:
+    def finish(self) -> None:
+        """No more data: the thread writes what is queued and fsyncs, then waits for ``release``."""
         self.q.put(None)
+
+    def release(self, commit: bool) -> None:
+        """Let the thread rename the file into place (``commit``), or remove it."""
+        self.commit = commit
+        self.released.set()
+
+    def result(self) -> str:
+        """Wait for the thread; the sha256 of the committed file, or the thread's error (the file removed)."""
         self.thread.join()
         if self.error:
             raise self.error
+        assert self.sha is not None
+        return self.sha
 
 
-def run_shard(job: ShardJob, progress: Progress | None = None) -> dict:
-    """Write one output shard (temp name, then rename). Returns its record (inputs, sha256, bytes)."""
+class _Shard:
+    """One output shard in flight: every piece computed and queued; its writer thread still writing and
+    fsyncing. It appears under its name only once ``release``d; ``record()`` waits for that."""
+
+    def __init__(self, job: ShardJob, out: _AsyncWriter):
+        self.job, self.out = job, out
+
+    def release(self) -> None:
+        self.out.release(commit=True)
+
+    def record(self) -> dict:
+        job = self.job
+        try:
+            sha = self.out.result()
+        except OSError as exc:
+            raise _output_error(job, exc) from None
+        inputs = sorted({info.file.name for it in job.items for _, info in it.sources})
+        return {"shard": job.path.name, "inputs": inputs, "sha256": sha, "bytes": job.path.stat().st_size,
+                "tensors": sum(len(it.entries) for it in job.items), "items": len(job.items),
+                "source_bytes": sum(it.src_bytes for it in job.items)}
+
+    def abort(self) -> None:
+        """Give the shard up: its temp file is removed, or, if it was already renamed, the file (no record of it
+        was written, so it would not be kept anyway)."""
+        if not self.out.released.is_set():
+            self.out.release(commit=False)  # the thread removes the temp file
+            self.out.thread.join()
+            return
+        try:
+            self.out.result()
+        except BaseException:  # noqa: BLE001 - the caller is already raising the first error
+            return
+        self.job.path.unlink(missing_ok=True)
+
+
+def _output_error(job: ShardJob, exc: OSError) -> OutputError:
+    if exc.errno == errno.ENOSPC:
+        return OutputError(f"{job.path.parent}: disk full while writing {job.path.name}; the partial file was "
+                           f"removed and no index was written. Free space (or use another disk) and run again")
+    return OutputError(f"{job.path}: cannot write ({exc.strerror})")
+
+
+def start_shard(job: ShardJob, progress: Progress | None = None) -> _Shard:
+    """Read, convert and queue every piece of one shard (temp name); its writer thread writes and fsyncs it,
+    and renames it once the returned shard is released."""
     if job.threads:
         torch.set_num_threads(job.threads)
     ctx = items.Ctx(job.src, job.scheme, dispatch.ops(job.kernel, job.device), job.device, job.calibrated)
     writer = shards.ShardWriter(job.path, [e for it in job.items for e in it.entries])
     out = _AsyncWriter(writer)
     try:
-        with cf.ThreadPoolExecutor(1) as reader:
+        with cf.ThreadPoolExecutor(1, thread_name_prefix="k2q-read") as reader:
             ahead = reader.submit(items.prefetch, job.items[0]) if job.items else None
             for i, it in enumerate(job.items):
                 data = ahead.result()
@@ -123,29 +191,28 @@ def run_shard(job: ShardJob, progress: Progress | None = None) -> dict:
                     out.put(name, chunk)
                 if progress:
                     progress(1, it.src_bytes)
-        out.close()
-        sha = writer.commit()
-    except OSError as exc:
-        _drain(out)
-        writer.abort()
-        if exc.errno == errno.ENOSPC:
-            raise OutputError(f"{job.path.parent}: disk full while writing {job.path.name}; the partial file was "
-                              f"removed and no index was written. Free space (or use another disk) and run again")
-        raise OutputError(f"{job.path}: cannot write ({exc.strerror})") from None
-    except BaseException:
-        _drain(out)
-        writer.abort()
+    except BaseException as exc:
+        out.finish()
+        out.release(commit=False)
+        _quiet(out)
+        if isinstance(exc, OSError):
+            raise _output_error(job, exc) from None
         raise
-    inputs = sorted({info.file.name for it in job.items for _, info in it.sources})
-    return {"shard": job.path.name, "inputs": inputs, "sha256": sha, "bytes": job.path.stat().st_size,
-            "tensors": sum(len(it.entries) for it in job.items), "items": len(job.items),
-            "source_bytes": sum(it.src_bytes for it in job.items)}
+    out.finish()
+    return _Shard(job, out)
 
 
-def _drain(out: _AsyncWriter) -> None:
+def run_shard(job: ShardJob, progress: Progress | None = None) -> dict:
+    """Write one output shard (temp name, then rename). Returns its record (inputs, sha256, bytes)."""
+    shard = start_shard(job, progress)
+    shard.release()
+    return shard.record()
+
+
+def _quiet(out: _AsyncWriter) -> None:
     try:
-        out.close()
-    except BaseException:
+        out.result()
+    except BaseException:  # noqa: BLE001 - the error being raised is the one to report
         pass
 
 
@@ -255,12 +322,53 @@ def _start(src: Path, dst: Path, plan: Plan, settings: dict, group: output.Group
     return kept
 
 
-def _run_jobs(jobs: list[ShardJob], workers: int, progress: Progress | None) -> Iterator[dict]:
-    if workers <= 1 or len(jobs) <= 1:
+def _run_sequential(jobs: list[ShardJob], progress: Progress | None) -> Iterator[dict]:
+    """Shard after shard in this process; a shard's last writes and fsync overlap the next one's compute.
+
+    Shards still appear in order, each only after the previous one's record is written (the consumer takes
+    it before this generator goes on). On any error every shard in flight is given up (``_Shard.abort``)."""
+    prev: _Shard | None = None  # released: renaming into place
+    cur: _Shard | None = None  # computed: writing and fsyncing
+    try:
         for job in jobs:
-            yield run_shard(job, progress)
+            cur = start_shard(job, progress)
+            if prev is not None:
+                rec, prev = prev.record(), None
+                yield rec
+            cur.release()
+            prev, cur = cur, None
+        if prev is not None:
+            rec, prev = prev.record(), None
+            yield rec
+    except BaseException:
+        for shard in (prev, cur):
+            if shard is not None:
+                shard.abort()
+        raise
+
+
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; a container's cpuset included)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_layout(workers: int, shards_to_write: int) -> tuple[int, int]:
+    """(processes, threads each) for ``--workers``: never more threads in all than cores.
+
+    Each worker process loads torch and the kernels again (~2 s) and the kernels already use every core
+    in one process, so extra processes pay only where the work per shard dwarfs that start-up."""
+    n = max(1, min(workers, shards_to_write, cores()))
+    return n, max(1, min(torch.get_num_threads(), cores()) // n)
+
+
+def _run_jobs(jobs: list[ShardJob], workers: int, progress: Progress | None) -> Iterator[dict]:
+    workers, threads = worker_layout(workers, len(jobs))
+    if workers <= 1:
+        yield from _run_sequential(jobs, progress)
         return
-    threads = max(1, torch.get_num_threads() // workers)
     jobs = [dataclasses.replace(j, threads=threads) for j in jobs]
     ctx = multiprocessing.get_context("spawn")
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)

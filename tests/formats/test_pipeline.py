@@ -1,15 +1,19 @@
 """The conversion pipeline around the kernels: special values refused in one pass, overlapped reads and
 writes that give the sequential run's bytes, and failures in the reader or writer thread."""
+import errno
+import hashlib
 import json
+import os
 import shutil
+import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from k2quant.errors import FormatError
-from k2quant.formats import convert
-from k2quant.formats.checkpoint import INDEX
+from k2quant.errors import FormatError, OutputError
+from k2quant.formats import convert, items, shards
+from k2quant.formats.checkpoint import INDEX, MANIFEST
 from k2quant.quant import scheme as qscheme
 
 EXPERT = "model.layers.2.mlp.experts.3.up_proj"
@@ -66,3 +70,116 @@ def test_nan_code_in_an_fp8_weight_is_refused_in_every_direction(tiny_dirs, tmp_
     assert str(e.value) == (f"{f}: FP8 weight '{EXPERT}.weight' holds NaN codes (0x7f/0xff); the checkpoint is "
                             f"corrupt: re-download this shard")
     assert_nothing_complete(tmp_path / "o")
+
+
+# -- overlapped reads, writes and fsyncs -------------------------------------------------------------
+SHARD = 700_000  # bytes: several output shards from the tiny checkpoints
+
+
+def sequential(jobs, progress):
+    """The plain order, nothing overlapped across shards: each shard written, fsynced and renamed in turn."""
+    for job in jobs:
+        yield convert.run_shard(job, progress)
+
+
+def files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("src,target", [("fp8", "int4"), ("bf16", "fp8"), ("int4", "bf16")])
+def test_overlapped_pipeline_writes_the_sequential_bytes(tiny_dirs, tmp_path, monkeypatch, src, target):
+    monkeypatch.setattr(shards, "WRITEBACK_BYTES", 4096)  # hand ranges to the disk many times per shard
+    scheme = qscheme.for_target(target)
+    convert.convert(tiny_dirs[src], tmp_path / "overlapped", target, scheme, max_shard_size=SHARD)
+    with monkeypatch.context() as m:
+        m.setattr(convert, "_run_sequential", sequential)
+        convert.convert(tiny_dirs[src], tmp_path / "sequential", target, scheme, max_shard_size=SHARD)
+    got, want = files(tmp_path / "overlapped"), files(tmp_path / "sequential")
+    assert sum(n.endswith(".safetensors") for n in got) >= 3
+    assert got == want
+    manifest = json.loads(got[MANIFEST])
+    for name, rec in manifest["shards"].items():  # the hash computed while writing is the file's
+        assert rec["sha256"] == hashlib.sha256(got[name]).hexdigest()
+
+
+def assert_no_complete_output(out):
+    """No index, no temp file; a shard left behind has its completion record (a resumed run keeps it)."""
+    assert not (out / INDEX).exists()
+    assert not list(out.glob("*" + shards.TMP_SUFFIX))
+    state = out / ".k2q-state"
+    for p in out.glob("*.safetensors"):
+        rec = json.loads((state / f"{p.name}.json").read_text())
+        assert rec["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("fail_at", [1, 4, 9])
+def test_an_error_in_the_reader_thread_is_raised_once_and_nothing_looks_complete(tiny_dirs, tmp_path, monkeypatch,
+                                                                                 fail_at):
+    real, calls, threads = items.prefetch, [], set()
+
+    def prefetch(item):
+        calls.append(item)
+        threads.add(threading.current_thread().name)
+        if len(calls) == fail_at:
+            raise FormatError(f"{item.key}: planted read error")
+        return real(item)
+
+    monkeypatch.setattr(items, "prefetch", prefetch)
+    with pytest.raises(FormatError, match="planted read error") as e:
+        convert.convert(tiny_dirs["fp8"], tmp_path / "o", "int4", qscheme.for_target("int4"), max_shard_size=SHARD)
+    assert e.value.__context__ is None or not isinstance(e.value.__context__, FormatError)
+    assert all(t.startswith("k2q-read") for t in threads)
+    assert_no_complete_output(tmp_path / "o")
+
+
+@pytest.mark.parametrize("fail_at", [1, 5, 30])
+def test_disk_full_in_the_writer_thread_is_one_error_and_nothing_looks_complete(tiny_dirs, tmp_path, monkeypatch,
+                                                                                fail_at):
+    real, calls = shards.ShardWriter.write_raw, []
+
+    def write_raw(self, name, data):
+        calls.append(threading.current_thread().name)
+        if len(calls) == fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, data)
+
+    monkeypatch.setattr(shards.ShardWriter, "write_raw", write_raw)
+    out = tmp_path / "o"
+    with pytest.raises(OutputError) as e:
+        convert.convert(tiny_dirs["bf16"], out, "int4", qscheme.for_target("int4"), max_shard_size=SHARD)
+    assert str(e.value).startswith(f"{out}: disk full while writing model-0000")
+    assert str(e.value).endswith("the partial file was removed and no index was written. Free space (or use "
+                                 "another disk) and run again")
+    assert all(t.startswith("k2q-write") for t in calls)
+    assert_no_complete_output(out)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_a_failed_fsync_at_commit_is_one_error_and_nothing_looks_complete(tiny_dirs, tmp_path, monkeypatch, fail_at):
+    real, calls = os.fsync, []
+
+    def fsync(fd):
+        if threading.current_thread().name.startswith("k2q-write"):
+            calls.append(fd)
+            if len(calls) == fail_at:
+                raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "o"
+    with pytest.raises(OutputError, match=r"cannot write \(Input/output error\)"):
+        convert.convert(tiny_dirs["fp8"], out, "bf16", None, max_shard_size=SHARD)
+    assert len(calls) >= fail_at  # the next shard may be committing already: it is aborted too
+    assert_no_complete_output(out)
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3, 8])
+@pytest.mark.parametrize("workers", [1, 2, 4, 16])
+def test_workers_never_oversubscribe_the_cores(monkeypatch, cores, workers):
+    monkeypatch.setattr(convert, "cores", lambda: cores)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    for shards_to_write in (1, 3, 100):
+        procs, threads = convert.worker_layout(workers, shards_to_write)
+        assert 1 <= procs <= min(workers, shards_to_write)
+        assert procs * threads <= cores  # oracle: the machine's cores, as patched
+        assert threads >= 1 and (procs == 1 or threads == cores // procs)
