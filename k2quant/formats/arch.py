@@ -193,9 +193,11 @@ def _disk_path(config_json: str) -> Path | None:
     is a few kB. None when transformers is not installed (the build then fails with its own message)."""
     try:
         version = importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    key = json.dumps({"config": config_json, "transformers": version, "v": CACHE_VERSION}, sort_keys=True)
+        # what transformers sees: the BF16, FP8 and INT4 checkpoints of one model share one entry
+        seen = hf_config_dict(json.loads(config_json))
+    except (importlib.metadata.PackageNotFoundError, FormatError):
+        return None  # the build raises its own error
+    key = json.dumps({"config": seen, "transformers": version, "v": CACHE_VERSION}, sort_keys=True)
     return cache_dir() / "arch" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 

@@ -227,7 +227,7 @@ def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme |
 
     ``trust_remote_code`` carries the source's ``*.py`` files (code loaders run); without it they are left out.
     """
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_sample()
     src, dst = Path(src), Path(dst)
     _check_counts(workers, world_size, rank, max_shard_size)
     ckpt = Checkpoint(src)
@@ -247,7 +247,7 @@ def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme |
         jobs = [ShardJob(dst / name, tuple(plan.items[i] for i in idx), plan.source_format, scheme, device, kernel)
                 for j, (name, idx) in enumerate(zip(plan.shard_names, plan.shards))
                 if j % group.world == group.rank and name not in kept]
-        records = _run_jobs(jobs, workers, progress)
+        records = _run_jobs(jobs, workers, progress, free_cores(cpu0))  # sampled over the plan and kernel loading
         try:
             for rec in records:
                 shards.write_json(state / f"{rec['shard']}.json", rec)
@@ -355,19 +355,58 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def worker_layout(workers: int, shards_to_write: int) -> tuple[int, int]:
-    """(processes, threads each) for ``--workers``: never more threads in all than cores.
+def cpu_sample() -> tuple[float, float, float] | None:
+    """(wall s, busy CPU s of the whole machine, this process's CPU s) now; None where /proc/stat is not."""
+    try:
+        with open("/proc/stat") as fh:
+            f = [int(x) for x in fh.readline().split()[1:8]]  # user nice system idle iowait irq softirq
+    except (OSError, ValueError):
+        return None
+    own = os.times()
+    return time.monotonic(), (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def free_cores(since: tuple[float, float, float] | None) -> int:
+    """Cores other processes left free since the ``cpu_sample()`` ``since`` (this process's own use not counted).
+
+    A thread on a core another process keeps busy waits a scheduler slice at every parallel call; the kernels
+    then run slower on two threads than on one (measured: 7 vs 12 ms per 2048x7168 FP8 decode)."""
+    now = cpu_sample()
+    if since is None or now is None or now[0] - since[0] < 0.05:  # too short to tell: assume all free
+        return cores()
+    others = ((now[1] - since[1]) - (now[2] - since[2])) / (now[0] - since[0])  # cores busy elsewhere
+    return max(1, min(cores(), int(cores() - others + 0.5)))
+
+
+def worker_layout(workers: int, shards_to_write: int, free: int | None = None) -> tuple[int, int]:
+    """(processes, threads each) for ``--workers``: never more processes than cores, nor more threads in all
+    than the free cores (``free``, default all) or one per process.
 
     Each worker process loads torch and the kernels again (~2 s) and the kernels already use every core
     in one process, so extra processes pay only where the work per shard dwarfs that start-up."""
     n = max(1, min(workers, shards_to_write, cores()))
-    return n, max(1, min(torch.get_num_threads(), cores()) // n)
+    budget = min(torch.get_num_threads(), cores(), cores() if free is None else free)
+    return n, max(1, budget // n)
 
 
-def _run_jobs(jobs: list[ShardJob], workers: int, progress: Progress | None) -> Iterator[dict]:
-    workers, threads = worker_layout(workers, len(jobs))
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run with at most ``n`` torch (and so kernel) threads, then restore the caller's setting."""
+    before = torch.get_num_threads()
+    if n < before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _run_jobs(jobs: list[ShardJob], workers: int, progress: Progress | None, free: int | None = None) -> Iterator[dict]:
+    workers, threads = worker_layout(workers, len(jobs), free)
     if workers <= 1:
-        yield from _run_sequential(jobs, progress)
+        with _torch_threads(threads):
+            yield from _run_sequential(jobs, progress)
         return
     jobs = [dataclasses.replace(j, threads=threads) for j in jobs]
     ctx = multiprocessing.get_context("spawn")

@@ -341,9 +341,16 @@ def _check_cpu(t: torch.Tensor) -> None:
     assert t.device.type == "cpu", "fast kernels run on CPU tensors"
 
 
-def _threads() -> None:
-    """Use as many threads as torch is allowed (convert's workers set 1)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+#: elements per thread below which a kernel runs on fewer threads: waking a thread costs a scheduler slice
+#: (~8 ms per call, measured, whatever the size, when another process keeps a core busy)
+MIN_WORK_PER_THREAD = 1 << 22
+
+
+def _threads(work: int) -> None:
+    """Use as many threads as torch is allowed (convert sizes that to the free cores), but at least
+    ``MIN_WORK_PER_THREAD`` elements each."""
+    allowed = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(max(1, min(allowed, work // MIN_WORK_PER_THREAD)))
 
 
 def _float_array(w: torch.Tensor) -> np.ndarray:
@@ -393,7 +400,7 @@ def fp8_quantize(w: torch.Tensor, block_size: tuple[int, int] = (128, 128),
     bn, bk = block_size
     q = np.empty((n, k), np.uint8)
     scale = np.empty((-(-n // bn), -(-k // bk)), np.float32)
-    _threads()
+    _threads(n * k)
     _fp8_quantize_kernel(bn, bk)(_float_array(w), q, scale)
     _special(check and not np.isfinite(scale).all(), check, "NaN/Inf weight")
     return torch.from_numpy(q).view(FP8_DTYPE), torch.from_numpy(scale)
@@ -409,7 +416,7 @@ def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, 
         return _batched(q, lambda a, b: (fp8_dequantize(a, b, block_size, check),), scale)[0]
     bn, bk = block_size
     _check_grid(q, scale, block_size)
-    _threads()
+    _threads(q.numel())
     lut = _fp8_luts(scale.to(torch.float32).contiguous().numpy(), _E4M3_F32)
     out = np.empty(q.shape, np.uint16)
     special = np.empty(-(-q.shape[0] // ROWS), np.bool_)
@@ -442,7 +449,7 @@ def int4_quantize_pack(w: torch.Tensor, group_size: int, scale_rule: str,
     rows = n * int(np.prod(lead))
     packed, scale = _int4_outputs(rows, k, group_size)
     special = np.empty(-(-rows // ROWS), np.bool_)
-    _threads()
+    _threads(rows * k)
     kernel = _int4_quantize_kernel(group_size)
     kernel(_float_array(w.reshape(-1, k)), scale_rule == "library", packed.view(np.uint8), scale, special)
     _special(special.any(), check, "NaN/Inf weight")
@@ -459,7 +466,7 @@ def int4_unpack_dequantize(packed: torch.Tensor, scale: torch.Tensor, k: int, gr
     assert packed.dtype == torch.int32 and scale.dtype == torch.bfloat16, "packed int32 and bf16 scales expected"
     *lead, n, _ = packed.shape
     out = np.empty((n * int(np.prod(lead)), k), np.uint16)
-    _threads()
+    _threads(out.size)
     _int4_dequantize_kernel(group_size)(
         packed.contiguous().reshape(-1, k // 8).numpy().view(np.uint8),
         scale.contiguous().reshape(-1, k // group_size).view(torch.uint16).numpy(), out)
@@ -480,7 +487,7 @@ def fp8_to_int4(q: torch.Tensor, fp8_scale: torch.Tensor, group_size: int, scale
     packed, scale = _int4_outputs(n, k, group_size)
     _check_grid(q, fp8_scale, block_size)
     special = np.empty(-(-n // ROWS), np.bool_)
-    _threads()
+    _threads(n * k)
     lut = _fp8_luts(fp8_scale.to(torch.float32).contiguous().numpy(), _E4M3_F32)
     kernel = _fp8_to_int4_kernel(bn, bk, group_size)
     kernel(q.contiguous().view(torch.uint8).numpy(), lut, fp8_scale.shape[-1], scale_rule == "library",
@@ -530,5 +537,5 @@ def count_nonfinite(t: torch.Tensor) -> int:
                                    _lanes(1 << (width - 1), width))
     if clean and not (bits[whole:] & mask == mask).any():
         return 0
-    _threads()
+    _threads(bits.size)
     return int(_count_special(bits, bits.dtype.type(mask)))

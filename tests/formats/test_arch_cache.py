@@ -49,3 +49,11 @@ def test_a_corrupt_cache_file_is_rebuilt(fresh, content):
     arch._cached.cache_clear()
     assert arch.from_config(cfg) == built
     assert json.loads(path.read_text())["model_class"] == built.model_class  # rewritten whole
+
+
+def test_the_quantized_checkpoints_of_a_model_share_its_entry(fresh, monkeypatch):
+    built = arch.from_config(tiny.config_for("bf16"))
+    arch._cached.cache_clear()
+    _no_transformers(monkeypatch)
+    for fmt in ("fp8", "int4"):  # the same model with a quantization_config: transformers never sees it
+        assert arch.from_config(tiny.config_for(fmt)) == built

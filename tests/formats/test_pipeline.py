@@ -175,11 +175,38 @@ def test_a_failed_fsync_at_commit_is_one_error_and_nothing_looks_complete(tiny_d
 
 @pytest.mark.parametrize("cores", [1, 2, 3, 8])
 @pytest.mark.parametrize("workers", [1, 2, 4, 16])
-def test_workers_never_oversubscribe_the_cores(monkeypatch, cores, workers):
+@pytest.mark.parametrize("free", [None, 1, 2])
+def test_workers_never_oversubscribe_the_cores(monkeypatch, cores, workers, free):
     monkeypatch.setattr(convert, "cores", lambda: cores)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     for shards_to_write in (1, 3, 100):
-        procs, threads = convert.worker_layout(workers, shards_to_write)
-        assert 1 <= procs <= min(workers, shards_to_write)
-        assert procs * threads <= cores  # oracle: the machine's cores, as patched
-        assert threads >= 1 and (procs == 1 or threads == cores // procs)
+        procs, threads = convert.worker_layout(workers, shards_to_write, free)
+        assert 1 <= procs <= min(workers, shards_to_write, cores)  # oracle: the machine's cores, as patched
+        assert threads >= 1 and procs * threads <= cores
+        budget = cores if free is None else min(free, cores)
+        assert procs * threads <= max(procs, budget)  # one thread per process at least, else the free cores
+        assert threads == max(1, min(8, budget) // procs)
+
+
+@pytest.mark.parametrize("cores,samples,want", [
+    (2, [(0.0, 0.0, 0.0), (1.0, 1.5, 0.5)], 1),   # another process kept one core busy: one left
+    (2, [(0.0, 0.0, 0.0), (1.0, 2.0, 2.0)], 2),   # all the busy time was this process's own
+    (4, [(0.0, 0.0, 0.0), (2.0, 5.0, 0.0)], 2),   # 2.5 cores busy elsewhere: 1.5 free, rounded
+    (2, [(0.0, 0.0, 0.0), (1.0, 9.0, 0.0)], 1),   # busier than the machine: at least one
+    (2, [(0.0, 0.0, 0.0), (0.01, 0.02, 0.0)], 2),  # too short a window to tell: every core
+])
+def test_free_cores_counts_the_other_processes_only(monkeypatch, cores, samples, want):
+    monkeypatch.setattr(convert, "cores", lambda: cores)
+    monkeypatch.setattr(convert, "cpu_sample", lambda: samples[-1])
+    assert convert.free_cores(samples[0]) == want
+
+
+def test_convert_restores_the_callers_torch_threads(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(convert, "free_cores", lambda since: 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        convert.convert(tiny_dirs["fp8"], tmp_path / "o", "int4", qscheme.for_target("int4"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
