@@ -31,6 +31,8 @@ bound end to end; peak RSS <= 2 GiB.
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import inspect
 import json
 import os
@@ -226,6 +228,7 @@ def run_child(src: Path, dst: Path, target: str, workers: int, kernel: str | Non
 
 
 def child_main(spec: dict) -> None:
+    atexit.register(gc.freeze)  # as the k2quant command line does (k2quant/cli/main.py): a quicker exit
     torch.set_num_threads(spec["threads"])
     scheme = qscheme.for_target(spec["target"])
     t0 = time.perf_counter()
