@@ -198,11 +198,12 @@ def tree_rss(pid: int) -> tuple[int, int]:
     return total, hwm
 
 
-def run_child(src: Path, dst: Path, target: str, workers: int, kernel: str | None, threads: int) -> dict:
+def run_child(src: Path, dst: Path, target: str, workers: int, kernel: str | None, threads: int,
+              max_shard_size: int) -> dict:
     """Run one conversion in a fresh interpreter; returns its report plus wall time and peak RSS."""
     cmd = [sys.executable, __file__, "--_child", json.dumps(
         {"src": str(src), "dst": str(dst), "target": target, "workers": workers, "kernel": kernel,
-         "threads": threads})]
+         "threads": threads, "max_shard_size": max_shard_size})]
     peak = [0, 0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -233,7 +234,7 @@ def child_main(spec: dict) -> None:
     scheme = qscheme.for_target(spec["target"])
     t0 = time.perf_counter()
     report = convert.convert(spec["src"], spec["dst"], spec["target"], scheme, workers=spec["workers"],
-                             force=True, **kernel_kwargs(spec["kernel"]))
+                             force=True, max_shard_size=spec["max_shard_size"], **kernel_kwargs(spec["kernel"]))
     hwm = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
     print(json.dumps(report.to_json() | {"convert_s": time.perf_counter() - t0, "vm_hwm": int(hwm.split()[1]) * 1024}))
 
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
             evict(shard_files(dirs[src]), a.drop_caches)
             if a.cold_arch:
                 os.environ["K2QUANT_CACHE_DIR"] = str(a.dir.parent / f"arch-cache-{time.time_ns()}")
-            r = run_child(dirs[src], out_dir, dst, a.workers, kernel, a.threads)
+            r = run_child(dirs[src], out_dir, dst, a.workers, kernel, a.threads, int(a.shard_gb * 1e9))
             read_s, write_s = r["bytes_in"] * rsecs / rbytes, r["bytes_out"] * wsecs / wbytes
             lib = rates[direction]["library"]
             mine = rates[direction].get("fast" if kernel in (None, "auto", "fast") else "reference")
@@ -454,4 +455,5 @@ def main(argv: list[str] | None = None) -> None:
         a.json.write_text(json.dumps({"meta": meta, "disk": disk, "runs": rows}, indent=2))
 
 
-main()
+if __name__ == "__main__":  # convert --workers spawns processes that import this file as __mp_main__
+    main()
