@@ -38,7 +38,9 @@ def main() -> None:
     if cfg.get("quantization_config", {}).get("quant_method") == "fp8":
         from compressed_tensors.entrypoints.convert.converters.fp8block_dequantizer import FP8BlockDequantizer
 
-        converter = FP8BlockDequantizer(targets=["re:.*"], weight_block_size=[128, 128])  # every FP8 weight
+        index = json.load(open(f"{a.src}/model.safetensors.index.json"))["weight_map"]
+        fp8 = sorted(n[: -len(".weight_scale_inv")] for n in index if n.endswith(".weight_scale_inv"))
+        converter = FP8BlockDequantizer(targets=fp8, weight_block_size=[128, 128])  # every FP8 weight
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
         num_bits=4, type="int", symmetric=True, strategy="group", group_size=32))
     shutil.rmtree(a.dst, ignore_errors=True)
