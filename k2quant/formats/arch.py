@@ -198,7 +198,11 @@ def _disk_path(config_json: str) -> Path | None:
     except (importlib.metadata.PackageNotFoundError, FormatError):
         return None  # the build raises its own error
     key = json.dumps({"config": seen, "transformers": version, "v": CACHE_VERSION}, sort_keys=True)
-    return cache_dir() / "arch" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    try:
+        root = cache_dir()
+    except (RuntimeError, KeyError):  # no home directory to find: no cache
+        return None
+    return root / "arch" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 
 def _load(path: Path) -> Arch | None:

@@ -57,3 +57,14 @@ def test_the_quantized_checkpoints_of_a_model_share_its_entry(fresh, monkeypatch
     _no_transformers(monkeypatch)
     for fmt in ("fp8", "int4"):  # the same model with a quantization_config: transformers never sees it
         assert arch.from_config(tiny.config_for(fmt)) == built
+
+
+def test_no_home_directory_means_no_cache_not_an_error(fresh, monkeypatch):
+    monkeypatch.delenv("K2QUANT_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+    monkeypatch.setattr(arch.Path, "home", staticmethod(no_home))
+    a = arch.from_config(tiny.config_for("bf16"))  # built by transformers, as without a cache
+    assert a.model_type == "deepseek_v3" and a.experts
