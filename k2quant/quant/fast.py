@@ -47,6 +47,7 @@ if numba is not None:
     _F32_FLOOR = np.float32(AMAX_FLOOR)  # torch clamps an fp32 tensor with the scalar cast to fp32
     _BF16_EPS_BITS = np.uint16(0x3C00)  # 2**-7, int4_group's scale for all-zero groups
     _F32_INF_BITS = np.uint32(0x7F800000)  # |x| bits at or above this: Inf or NaN
+    _E4M3_SUB = np.float32(2.0 ** -9)  # the E4M3 subnormal step
 
     def _as_f32(v):
         """fp32 value of one element given as bits: bf16 (uint16) or fp32 (uint32)."""
@@ -131,38 +132,43 @@ if numba is not None:
                 q[r, c] = _e4m3_bits(_clamp(_as_f32(w[r, c]) / s, -_F32_MAX, _F32_MAX))
         return s
 
-    @numba.njit(**_JIT)  # serial: as a prange over tiles it ran ~700x slower (12 ms vs 18 us for 896 tiles)
-    def _fp8_luts(scale, e4m3_f32):
-        """bf16 bits of ``fp32(code) * scale`` for all 256 codes of every tile: [Nt * Kt, 256] uint16."""
-        nt, kt = scale.shape
-        lut = np.empty((nt * kt, 256), np.uint16)
-        for t in range(nt * kt):
-            s = scale[t // kt, t % kt]
-            for c in range(256):
-                lut[t, c] = _bf16_bits(e4m3_f32[c] * s)
-        return lut
+    @numba.njit(inline="always", **_JIT)
+    def _e4m3_value(v: np.uint8) -> np.float32:
+        """fp32 value of an E4M3 code (exact; NaN for 0x7f/0xff), branch-free: no per-call table to build.
+
+        Decoding with it measured as fast as the per-tile tables it replaces (4.2 ms for a 2048x7168 expert on
+        one core: bound by memory, ~10 GB/s); the bytes are the same (one IEEE multiply by the tile scale)."""
+        b = np.uint32(v)
+        mag = b & np.uint32(0x7F)
+        # normal (exponent 1..15): rebias 7 -> 127 and widen the mantissa 3 -> 23 bits in one shift and add
+        normal = np.uint32((mag << np.uint32(20)) + np.uint32(120 << 23))
+        # subnormal (exponent 0): mantissa * 2^-9, exact in fp32
+        sub = np.float32(np.float32(mag) * _E4M3_SUB).view(np.uint32)
+        r = normal if mag >= np.uint32(8) else sub
+        r = np.uint32(0x7FC00000) if mag == np.uint32(0x7F) else r
+        return np.uint32(r | ((b & np.uint32(0x80)) << np.uint32(24))).view(np.float32)
 
     @numba.njit(inline="always", **_JIT)
-    def _fp8_decode_row(q, lut, r, bn, bk, kt, out):
-        """Row ``r`` of the codes -> bf16 bits in ``out`` through its tiles' tables.
+    def _fp8_decode_row(q, scale, r, bn, bk, out):
+        """Row ``r`` of the codes -> bf16 bits of ``fp32(code) * tile scale`` (one IEEE multiply) in ``out``.
 
-        Returns the row's largest ``code & 0x7f``: 0x7f when it holds an E4M3 NaN code (the check rides
-        the decode, so convert needs no second pass over the codes)."""
+        Returns the OR of ``(code & 0x7f) + 1`` over the row: bit 7 (0x80) is set exactly when it holds an E4M3
+        NaN code (the check rides the decode, so convert needs no second pass over the codes)."""
         k = q.shape[1]
-        base = (r // bn) * kt
-        m = np.uint8(0)
-        for j in range(k // bk):
-            tab = lut[base + j]
+        i = r // bn
+        m = np.uint32(0)  # 32-bit: numba widens uint8 arithmetic to 64 bits, which vectorises 2x narrower
+        for j in range(k // bk):  # whole tiles: a constant width, fully vectorised
+            s = scale[i, j]
             for c in range(j * bk, j * bk + bk):
                 v = q[r, c]
-                out[c] = tab[v]
-                m = max(m, v & np.uint8(0x7F))
+                out[c] = _bf16_bits(_e4m3_value(v) * s)
+                m |= (np.uint32(v) & np.uint32(0x7F)) + np.uint32(1)  # 0x80 only from a NaN code
         if k % bk:  # a partial last tile
-            tab = lut[base + k // bk]
+            s = scale[i, k // bk]
             for c in range(k - k % bk, k):
                 v = q[r, c]
-                out[c] = tab[v]
-                m = max(m, v & np.uint8(0x7F))
+                out[c] = _bf16_bits(_e4m3_value(v) * s)
+                m |= (np.uint32(v) & np.uint32(0x7F)) + np.uint32(1)  # 0x80 only from a NaN code
         return m
 
     # -- INT4 --------------------------------------------------------------------------------------
@@ -231,15 +237,15 @@ def _fp8_quantize_kernel(bn: int, bk: int):
 @functools.cache
 def _fp8_dequantize_kernel(bn: int, bk: int):
     @numba.njit(parallel=True, **_JIT)
-    def kernel(q, lut, kt, out, special):
-        """q [N, K] E4M3 bits -> out [N, K] bf16 bits through the tables of the [Nt, kt] tiles;
+    def kernel(q, scale, out, special):
+        """q [N, K] E4M3 bits, scale [>= Nt, >= Kt] fp32 -> out [N, K] bf16 bits;
         special [ceil(N / ROWS)]: 1 where those rows hold a NaN code."""
         n = q.shape[0]
         for b in numba.prange(special.shape[0]):
-            m = np.uint8(0)
+            m = np.uint32(0)
             for r in range(b * ROWS, min(n, b * ROWS + ROWS)):
-                m = max(m, _fp8_decode_row(q, lut, r, bn, bk, kt, out[r]))
-            special[b] = m == np.uint8(0x7F)
+                m |= _fp8_decode_row(q, scale, r, bn, bk, out[r])
+            special[b] = (m & np.uint32(0x80)) != 0
     return kernel
 
 
@@ -262,18 +268,18 @@ def _int4_quantize_kernel(g: int):
 @functools.cache
 def _fp8_to_int4_kernel(bn: int, bk: int, g: int):
     @numba.njit(parallel=True, **_JIT)
-    def kernel(q, lut, kt, library, packed, scale, special):
-        """FP8 codes -> bf16 (a row at a time, through the [Nt, kt] tile tables) -> INT4 packed + scales;
+    def kernel(q, fp8_scale, library, packed, scale, special):
+        """FP8 codes -> bf16 (a row at a time, with the fp32 tile scales) -> INT4 packed + scales;
         special [ceil(N / ROWS)]: 1 where those rows hold a NaN code."""
         n, k = q.shape
         for b in numba.prange(special.shape[0]):
             row = np.empty(k, np.uint16)
             codes = np.empty(k, np.uint8)
-            m = np.uint8(0)
+            m = np.uint32(0)
             for r in range(b * ROWS, min(n, b * ROWS + ROWS)):
-                m = max(m, _fp8_decode_row(q, lut, r, bn, bk, kt, row))
+                m |= _fp8_decode_row(q, fp8_scale, r, bn, bk, row)
                 _int4_encode_row(row, g, library, packed[r], scale[r], codes)
-            special[b] = m == np.uint8(0x7F)
+            special[b] = (m & np.uint32(0x80)) != 0
     return kernel
 
 
@@ -363,15 +369,6 @@ def _float_array(w: torch.Tensor) -> np.ndarray:
     return w.to(torch.float32).view(torch.int32).numpy().view(np.uint32)  # fp16 -> fp32 is exact
 
 
-def _e4m3_table() -> np.ndarray:
-    """fp32 value of each of the 256 E4M3 codes (exact), read-only."""
-    table = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8_DTYPE).float().numpy()
-    table.setflags(write=False)
-    return table
-
-
-#: built once at import (read-only): the per-tile tables are made from it on each call
-_E4M3_F32 = _e4m3_table() if numba is not None else None
 
 
 def _batched(x: torch.Tensor, fn, *rest: torch.Tensor):
@@ -417,10 +414,10 @@ def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, 
     bn, bk = block_size
     _check_grid(q, scale, block_size)
     _threads(q.numel())
-    lut = _fp8_luts(scale.to(torch.float32).contiguous().numpy(), _E4M3_F32)
     out = np.empty(q.shape, np.uint16)
     special = np.empty(-(-q.shape[0] // ROWS), np.bool_)
-    _fp8_dequantize_kernel(bn, bk)(q.contiguous().view(torch.uint8).numpy(), lut, scale.shape[-1], out, special)
+    _fp8_dequantize_kernel(bn, bk)(q.contiguous().view(torch.uint8).numpy(),
+                                   scale.to(torch.float32).contiguous().numpy(), out, special)
     _special(special.any(), check, "E4M3 NaN code")
     return torch.from_numpy(out).view(torch.bfloat16)
 
@@ -488,9 +485,9 @@ def fp8_to_int4(q: torch.Tensor, fp8_scale: torch.Tensor, group_size: int, scale
     _check_grid(q, fp8_scale, block_size)
     special = np.empty(-(-n // ROWS), np.bool_)
     _threads(n * k)
-    lut = _fp8_luts(fp8_scale.to(torch.float32).contiguous().numpy(), _E4M3_F32)
     kernel = _fp8_to_int4_kernel(bn, bk, group_size)
-    kernel(q.contiguous().view(torch.uint8).numpy(), lut, fp8_scale.shape[-1], scale_rule == "library",
+    kernel(q.contiguous().view(torch.uint8).numpy(), fp8_scale.to(torch.float32).contiguous().numpy(),
+           scale_rule == "library",
            packed.view(np.uint8), scale, special)
     _special(special.any(), check, "E4M3 NaN code")
     return torch.from_numpy(packed), torch.from_numpy(scale).view(torch.bfloat16)
