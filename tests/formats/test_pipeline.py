@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from k2quant.errors import FormatError, OutputError
-from k2quant.formats import convert, items, shards
+from k2quant.formats import convert, items, pipeline, shards
 from k2quant.formats.checkpoint import INDEX, MANIFEST
 from k2quant.quant import scheme as qscheme
 
@@ -79,7 +79,7 @@ SHARD = 700_000  # bytes: several output shards from the tiny checkpoints
 def sequential(jobs, progress):
     """The plain order, nothing overlapped across shards: each shard written, fsynced and renamed in turn."""
     for job in jobs:
-        yield convert.run_shard(job, progress)
+        yield pipeline.run_shard(job, progress)
 
 
 def files(d):
@@ -92,7 +92,7 @@ def test_overlapped_pipeline_writes_the_sequential_bytes(tiny_dirs, tmp_path, mo
     scheme = qscheme.for_target(target)
     convert.convert(tiny_dirs[src], tmp_path / "overlapped", target, scheme, max_shard_size=SHARD)
     with monkeypatch.context() as m:
-        m.setattr(convert, "_run_sequential", sequential)
+        m.setattr(pipeline, "run_sequential", sequential)
         convert.convert(tiny_dirs[src], tmp_path / "sequential", target, scheme, max_shard_size=SHARD)
     got, want = files(tmp_path / "overlapped"), files(tmp_path / "sequential")
     assert sum(n.endswith(".safetensors") for n in got) >= 3
@@ -177,10 +177,10 @@ def test_a_failed_fsync_at_commit_is_one_error_and_nothing_looks_complete(tiny_d
 @pytest.mark.parametrize("workers", [1, 2, 4, 16])
 @pytest.mark.parametrize("free", [None, 1, 2])
 def test_workers_never_oversubscribe_the_cores(monkeypatch, cores, workers, free):
-    monkeypatch.setattr(convert, "cores", lambda: cores)
+    monkeypatch.setattr(pipeline, "cores", lambda: cores)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     for shards_to_write in (1, 3, 100):
-        procs, threads = convert.worker_layout(workers, shards_to_write, free)
+        procs, threads = pipeline.worker_layout(workers, shards_to_write, free)
         assert 1 <= procs <= min(workers, shards_to_write, cores)  # oracle: the machine's cores, as patched
         assert threads >= 1 and procs * threads <= cores
         budget = cores if free is None else min(free, cores)
@@ -196,13 +196,13 @@ def test_workers_never_oversubscribe_the_cores(monkeypatch, cores, workers, free
     (2, [(0.0, 0.0, 0.0), (0.01, 0.02, 0.0)], 2),  # too short a window to tell: every core
 ])
 def test_free_cores_counts_the_other_processes_only(monkeypatch, cores, samples, want):
-    monkeypatch.setattr(convert, "cores", lambda: cores)
-    monkeypatch.setattr(convert, "cpu_sample", lambda: samples[-1])
-    assert convert.free_cores(samples[0]) == want
+    monkeypatch.setattr(pipeline, "cores", lambda: cores)
+    monkeypatch.setattr(pipeline, "cpu_sample", lambda: samples[-1])
+    assert pipeline.free_cores(samples[0]) == want
 
 
 def test_convert_restores_the_callers_torch_threads(tiny_dirs, tmp_path, monkeypatch):
-    monkeypatch.setattr(convert, "free_cores", lambda since: 1)
+    monkeypatch.setattr(pipeline, "free_cores", lambda since: 1)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
