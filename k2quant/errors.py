@@ -31,3 +31,9 @@ def collect(problems: list[str], cls: type[K2QuantError] = FormatError) -> None:
     shown = problems[:20]
     more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
     raise cls(head + "\n".join(f"  - {p}" for p in shown) + more)
+
+
+class NonFinite(ArithmeticError):
+    """Internal, not a user error: a kernel asked to check its input met a NaN/Inf (or an E4M3 NaN code).
+
+    The caller that knows the file and tensor counts them and raises a ``FormatError`` naming both."""

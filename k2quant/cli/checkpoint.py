@@ -37,7 +37,9 @@ from k2quant.quant.names import (
               help="INT4 selection by name, read from the model: experts = routed experts only (K2-Thinking); "
               "linear = every Linear but lm_head; mlp = MLPs and experts only.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Output shard size.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Output shards converted in parallel.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Output shards converted in parallel processes, at most one per core, threads split between "
+                   "them. One process already uses every core: more pay only for many large shards.")
 @click.option("--device", default="cpu", show_default=True, help="Where the kernels run (cpu, cuda, cuda:1).")
 @click.option("--kernel", type=click.Choice(KERNELS), default="auto", show_default=True,
               help="fast = compiled CPU kernels (numba); reference = pure torch (any device). Same bytes.")

@@ -1,6 +1,8 @@
 """``k2quant``: the command group. Every command is registered here, by name."""
 from __future__ import annotations
 
+import atexit
+import gc
 import sys
 
 import click
@@ -14,6 +16,9 @@ class Group(click.Group):
     """A ``K2QuantError`` from any command becomes one line on stderr and exit 2."""
 
     def invoke(self, ctx: click.Context):
+        # the process ends after the command: spare the interpreter's final garbage collection over torch's
+        # objects (0.3-0.6 s of every run on 2 cores, measured); refcounting still frees everything
+        atexit.register(gc.freeze)
         try:
             return super().invoke(ctx)
         except K2QuantError as exc:

@@ -8,10 +8,15 @@ are read as the last decoder layer, which they copy.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
+import importlib.metadata
 import json
+import os
 import re
+from pathlib import Path
 
 from k2quant.errors import FormatError
 from k2quant.formats import layout
@@ -158,10 +163,74 @@ def from_config(config: dict) -> Arch:
 
 @functools.lru_cache(maxsize=16)
 def _cached(config_json: str) -> Arch:
-    config = json.loads(config_json)
-    model = skeleton(config)
-    a = describe(model, config.get("num_hidden_layers"))
-    return dataclasses.replace(a, renames=_renames(a.model_type))
+    path = _disk_path(config_json)
+    a = _load(path) if path else None
+    if a is None:
+        config = json.loads(config_json)
+        model = skeleton(config)
+        a = describe(model, config.get("num_hidden_layers"))
+        a = dataclasses.replace(a, renames=_renames(a.model_type))
+        if path:
+            _store(path, a)
+    return a
+
+
+#: bump when ``Arch`` or ``describe`` changes what they hold: older cache files are then never read
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Where ``Arch`` descriptions are kept between runs: ``$K2QUANT_CACHE_DIR``, else the user's cache."""
+    env = os.environ.get("K2QUANT_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "k2quant"
+
+
+def _disk_path(config_json: str) -> Path | None:
+    """The cache file of this config under this transformers: importing transformers and building the model
+    on the meta device costs seconds per run (~3 s for a 1-layer K2 on 2 cores), the description it gives
+    is a few kB. None when transformers is not installed (the build then fails with its own message)."""
+    try:
+        version = importlib.metadata.version("transformers")
+        # what transformers sees: the BF16, FP8 and INT4 checkpoints of one model share one entry
+        seen = hf_config_dict(json.loads(config_json))
+    except (importlib.metadata.PackageNotFoundError, FormatError):
+        return None  # the build raises its own error
+    key = json.dumps({"config": seen, "transformers": version, "v": CACHE_VERSION}, sort_keys=True)
+    try:
+        root = cache_dir()
+    except (RuntimeError, KeyError):  # no home directory to find: no cache
+        return None
+    return root / "arch" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def _load(path: Path) -> Arch | None:
+    """The cached description, or None if absent or unreadable (it is then rebuilt; never an error)."""
+    try:
+        d = json.loads(path.read_text())
+        a = Arch(d["model_class"], d["model_type"], dict(d["linears"]),
+                 {k: (str(v[0]), int(v[1])) for k, v in d["experts"].items()}, tuple(d["attention_modules"]),
+                 d["lm_head"], int(d["num_params"]), d["num_layers"], int(d["num_buffer_values"]),
+                 tuple((str(a), str(b)) for a, b in d["renames"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError):
+        return None
+    ok = all(isinstance(k, str) and isinstance(v, str) for k, v in a.linears.items()) \
+        and isinstance(a.model_class, str) and isinstance(a.model_type, str) \
+        and (a.lm_head is None or isinstance(a.lm_head, str)) and (a.num_layers is None or type(a.num_layers) is int)
+    return a if ok else None
+
+
+def _store(path: Path, a: Arch) -> None:
+    """Write the description atomically (temp, rename); a cache that cannot be written is skipped."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(dataclasses.asdict(a)))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _renames(model_type: str) -> tuple[tuple[str, str], ...]:

@@ -9,7 +9,7 @@ For each decoder layer, in order:
 3. quantize every targeted module with GPTQ (``quant.gptq``) under those statistics;
 4. put the dequantized INT4 weights in the layer and recompute its outputs: the next layer calibrates on
    what the quantized model computes;
-5. write the layer's shard through ``convert.run_shard`` (the same compressed-tensors pack-quantized INT4),
+5. write the layer's shard through ``pipeline.run_shard`` (the same compressed-tensors pack-quantized INT4),
    and its output activations into the run state (safetensors), so ``resume`` restarts at the next layer.
 
 Peak memory: one layer's weights (fp32), its statistics, and two copies of the activations.
@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from k2quant.errors import FormatError, K2QuantError, collect
-from k2quant.formats import arch, convert, items, layout, load, moe, output, shards, source, texts
+from k2quant.formats import arch, items, layout, load, moe, output, pipeline, shards, source, texts
 from k2quant.formats.checkpoint import Checkpoint
 from k2quant.formats.plan import DEFAULT_MAX_SHARD, Item, Plan, make_plan
 from k2quant.quant import gptq, int4_group
@@ -362,9 +362,9 @@ def _calibrate(ckpt, src, dst, scheme, calib, cfg, ids, model, plan, bf16_plan, 
         for j in js:
             if names[j] in kept:
                 continue
-            job = convert.ShardJob(dst / names[j], tuple(plan.items[i] for i in plan.shards[j]),
+            job = pipeline.ShardJob(dst / names[j], tuple(plan.items[i] for i in plan.shards[j]),
                                    plan.source_format, scheme, calib.device, "reference", calibrated=calibrated)
-            rec = convert.run_shard(job)
+            rec = pipeline.run_shard(job)
             shards.write_json(state / f"{names[j]}.json", rec)
             output.verify_headers(plan, dst, [names[j]])
 

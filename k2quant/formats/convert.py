@@ -1,8 +1,8 @@
 """Execute a conversion plan: stream tensors shard by shard in row chunks, write atomically, index last.
 
 Memory stays bounded whatever the model size: big tensors are read, converted and written in row
-chunks of about ``CHUNK_ELEMS`` elements; small ones are read one item ahead by a prefetch thread
-while the current one computes, and a writer thread hashes and writes the output.
+chunks of about ``items.CHUNK_ELEMS`` elements; each shard goes through ``pipeline`` (read ahead, convert,
+write behind, fsync overlapped with the next shard), with threads sized to the cores left free.
 
 Interrupted runs resume (``resume=True``): each finished shard leaves a record (its inputs, sha256,
 size) under ``.k2q-state/``; a resumed run keeps shards whose record and hash match and redoes the
@@ -14,9 +14,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
-import errno
 import multiprocessing
-import queue
 import signal
 import threading
 import time
@@ -26,14 +24,14 @@ from typing import Callable, Iterator
 import torch
 
 from k2quant.errors import OutputError
-from k2quant.formats import arch, items, output, shards, source
+from k2quant.formats import arch, output, pipeline, shards
 from k2quant.formats.checkpoint import Checkpoint
-from k2quant.formats.plan import DEFAULT_MAX_SHARD, Item, Plan, make_plan
+from k2quant.formats.plan import DEFAULT_MAX_SHARD, Plan, make_plan
 from k2quant.quant import dispatch
 from k2quant.quant.scheme import QuantScheme
 
 #: progress(items_done, source_bytes_done) increments
-Progress = Callable[[int, int], None]
+Progress = pipeline.Progress
 
 
 @dataclasses.dataclass
@@ -60,95 +58,6 @@ class ConvertReport:
         return dataclasses.asdict(self)
 
 
-# -- one shard -----------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class ShardJob:
-    path: Path
-    items: tuple[Item, ...]
-    src: source.SourceFormat
-    scheme: QuantScheme | None
-    device: str = "cpu"
-    kernel: str = "auto"
-    threads: int = 0  # torch/numba threads in a worker process (0: leave as is)
-    calibrated: dict | None = None  # key -> (codes, scale) chosen by calibration (in-process runs only)
-
-
-class _AsyncWriter:
-    """A ShardWriter fed from a bounded queue by a thread, so writing overlaps reading and compute."""
-
-    def __init__(self, writer: shards.ShardWriter, depth: int = 4):
-        self.writer, self.q = writer, queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (job := self.q.get()) is not None:
-            if self.error is None:
-                try:
-                    name, data = job
-                    if isinstance(data, torch.Tensor):
-                        self.writer.write(name, data)
-                    else:
-                        self.writer.write_raw(name, data)
-                except BaseException as exc:  # re-raised in the producer thread
-                    self.error = exc
-
-    def put(self, name: str, data: object) -> None:
-        if self.error:
-            raise self.error
-        self.q.put((name, data))
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
-        if self.error:
-            raise self.error
-
-
-def run_shard(job: ShardJob, progress: Progress | None = None) -> dict:
-    """Write one output shard (temp name, then rename). Returns its record (inputs, sha256, bytes)."""
-    if job.threads:
-        torch.set_num_threads(job.threads)
-    ctx = items.Ctx(job.src, job.scheme, dispatch.ops(job.kernel, job.device), job.device, job.calibrated)
-    writer = shards.ShardWriter(job.path, [e for it in job.items for e in it.entries])
-    out = _AsyncWriter(writer)
-    try:
-        with cf.ThreadPoolExecutor(1) as reader:
-            ahead = reader.submit(items.prefetch, job.items[0]) if job.items else None
-            for i, it in enumerate(job.items):
-                data = ahead.result()
-                ahead = reader.submit(items.prefetch, job.items[i + 1]) if i + 1 < len(job.items) else None
-                for name, chunk in items.pieces(it, ctx, data):
-                    out.put(name, chunk)
-                if progress:
-                    progress(1, it.src_bytes)
-        out.close()
-        sha = writer.commit()
-    except OSError as exc:
-        _drain(out)
-        writer.abort()
-        if exc.errno == errno.ENOSPC:
-            raise OutputError(f"{job.path.parent}: disk full while writing {job.path.name}; the partial file was "
-                              f"removed and no index was written. Free space (or use another disk) and run again")
-        raise OutputError(f"{job.path}: cannot write ({exc.strerror})") from None
-    except BaseException:
-        _drain(out)
-        writer.abort()
-        raise
-    inputs = sorted({info.file.name for it in job.items for _, info in it.sources})
-    return {"shard": job.path.name, "inputs": inputs, "sha256": sha, "bytes": job.path.stat().st_size,
-            "tensors": sum(len(it.entries) for it in job.items), "items": len(job.items),
-            "source_bytes": sum(it.src_bytes for it in job.items)}
-
-
-def _drain(out: _AsyncWriter) -> None:
-    try:
-        out.close()
-    except BaseException:
-        pass
-
-
 # -- whole checkpoint ----------------------------------------------------------------------------
 def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme | None, *,
             max_shard_size: int = DEFAULT_MAX_SHARD, workers: int = 1, force: bool = False,
@@ -160,7 +69,7 @@ def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme |
 
     ``trust_remote_code`` carries the source's ``*.py`` files (code loaders run); without it they are left out.
     """
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), pipeline.cpu_sample()
     src, dst = Path(src), Path(dst)
     _check_counts(workers, world_size, rank, max_shard_size)
     ckpt = Checkpoint(src)
@@ -177,10 +86,10 @@ def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme |
         kept = _start(src, dst, plan, settings, group, lock, force, resume, ckpt, carried)
         if on_plan:
             on_plan(plan)
-        jobs = [ShardJob(dst / name, tuple(plan.items[i] for i in idx), plan.source_format, scheme, device, kernel)
+        jobs = [pipeline.ShardJob(dst / name, tuple(plan.items[i] for i in idx), plan.source_format, scheme, device, kernel)
                 for j, (name, idx) in enumerate(zip(plan.shard_names, plan.shards))
                 if j % group.world == group.rank and name not in kept]
-        records = _run_jobs(jobs, workers, progress)
+        records = _run_jobs(jobs, workers, progress, pipeline.free_cores(cpu0))  # sampled over the plan and kernel loading
         try:
             for rec in records:
                 shards.write_json(state / f"{rec['shard']}.json", rec)
@@ -255,19 +164,20 @@ def _start(src: Path, dst: Path, plan: Plan, settings: dict, group: output.Group
     return kept
 
 
-def _run_jobs(jobs: list[ShardJob], workers: int, progress: Progress | None) -> Iterator[dict]:
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            yield run_shard(job, progress)
+def _run_jobs(jobs: list[pipeline.ShardJob], workers: int, progress: Progress | None,
+              free: int | None = None) -> Iterator[dict]:
+    workers, threads = pipeline.worker_layout(workers, len(jobs), free)
+    if workers <= 1:
+        with pipeline.torch_threads(threads):
+            yield from pipeline.run_sequential(jobs, progress)
         return
-    threads = max(1, torch.get_num_threads() // workers)
     jobs = [dataclasses.replace(j, threads=threads) for j in jobs]
     ctx = multiprocessing.get_context("spawn")
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
     futures: list[cf.Future] = []
     try:
         with _signals_deferred():  # submit spawns the workers
-            futures = [pool.submit(run_shard, job) for job in jobs]
+            futures = [pool.submit(pipeline.run_shard, job) for job in jobs]
         for fut in cf.as_completed(futures):
             rec = fut.result()
             if progress:
@@ -309,7 +219,7 @@ def _worker_init() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def _stop(pool: cf.ProcessPoolExecutor, futures: list[cf.Future], jobs: list[ShardJob]) -> None:
+def _stop(pool: cf.ProcessPoolExecutor, futures: list[cf.Future], jobs: list[pipeline.ShardJob]) -> None:
     """Terminate the workers, wait for them briefly, and remove every temp file they may have left.
 
     Futures are not cancelled one by one: the executor marks them all broken when its workers die, and

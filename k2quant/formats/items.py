@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from k2quant.errors import FormatError
+from k2quant.errors import FormatError, NonFinite
 from k2quant.formats import shards, source
 from k2quant.formats.plan import Item
 from k2quant.quant import dispatch, int4_group
@@ -61,13 +61,19 @@ def chunks(item: Item, ctx: Ctx) -> list[tuple[int, int]]:
     return [(r, min(r + rows, n)) for r in range(0, n, rows)]
 
 
+def nan_codes(item: Item) -> FormatError:
+    w = item.part("weight")
+    return FormatError(f"{w.file}: FP8 weight {w.name!r} holds NaN codes (0x7f/0xff); the checkpoint is "
+                       f"corrupt: re-download this shard")
+
+
 def fp8_rows(item: Item, rd: Reader, ctx: Ctx, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``r0:r1`` of the FP8 codes and their tile scales, checked (NaN codes by the kernel that reads
+    them, when it can: ``ops.checks_input``; the scales, tiny, here)."""
     bn = ctx.src.scheme.block_size[0]
     q = rd.rows("weight", r0, r1).to(ctx.device)
-    if ctx.ops.count_nonfinite(q):
-        w = item.part("weight")
-        raise FormatError(f"{w.file}: FP8 weight {w.name!r} holds NaN codes (0x7f/0xff); the checkpoint is "
-                          f"corrupt: re-download this shard")
+    if not ctx.ops.checks_input and ctx.ops.count_nonfinite(q):
+        raise nan_codes(item)
     scale = rd.rows("scale", r0 // bn, -(-r1 // bn)).to(ctx.device).to(torch.float32)
     bad = ctx.ops.count_nonfinite(scale)
     if bad:  # every path sees this: FP8 -> BF16, and the fused FP8 -> INT4 kernels
@@ -81,7 +87,10 @@ def decode_rows(item: Item, rd: Reader, ctx: Ctx, r0: int, r1: int) -> torch.Ten
     """Rows ``r0:r1`` of the item's float weight (stored plain as is, quantized ones dequantized to BF16)."""
     rep = item.stored_rep
     if rep == source.FP8:
-        return ctx.ops.fp8_decode(*fp8_rows(item, rd, ctx, r0, r1), ctx.src.scheme)
+        try:
+            return ctx.ops.fp8_decode(*fp8_rows(item, rd, ctx, r0, r1), ctx.src.scheme)
+        except NonFinite:
+            raise nan_codes(item) from None
     if rep == source.INT4:
         packed, scale = rd.rows("packed", r0, r1).to(ctx.device), rd.rows("scale", r0, r1).to(ctx.device)
         return ctx.ops.int4_decode(packed, scale, item.shape[1], ctx.src.scheme)
@@ -103,6 +112,22 @@ def check_finite(item: Item, w: torch.Tensor, ops: dispatch.Ops) -> None:
         info = item.sources[0][1]
         raise FormatError(f"{info.file}: weight {item.key}.weight holds {bad} NaN/Inf values and cannot be "
                           f"quantized; fix the source weights or keep this module unquantized with --ignore {item.key}")
+
+
+def encode(item: Item, w: torch.Tensor, ctx: Ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the float weight in the item's target format: (codes, scale), NaN/Inf refused.
+
+    With ``ops.checks_input`` the encoding kernel finds special values in the pass that converts (only then
+    are they counted, for the message); otherwise they are counted first."""
+    fn = ctx.ops.fp8_encode if item.dst_rep == source.FP8 else ctx.ops.int4_encode
+    if not ctx.ops.checks_input:
+        check_finite(item, w, ctx.ops)
+        return fn(w, ctx.scheme)
+    try:
+        return fn(w, ctx.scheme)
+    except NonFinite:
+        check_finite(item, w, ctx.ops)
+        raise AssertionError(f"{item.key}: the kernel saw NaN/Inf that counting does not find") from None
 
 
 def passthrough(item: Item, rd: Reader) -> Iterator[tuple[str, object]]:
@@ -135,7 +160,10 @@ def pieces(item: Item, ctx: Ctx, data: dict[str, torch.Tensor] | None = None) ->
     fused = item.stored_rep == source.FP8 and item.dst_rep == source.INT4
     for r0, r1 in chunks(item, ctx):
         if fused:
-            packed, scale = ctx.ops.fp8_to_int4(*fp8_rows(item, rd, ctx, r0, r1), ctx.src.scheme, ctx.scheme)
+            try:
+                packed, scale = ctx.ops.fp8_to_int4(*fp8_rows(item, rd, ctx, r0, r1), ctx.src.scheme, ctx.scheme)
+            except NonFinite:
+                raise nan_codes(item) from None
             yield names[0], packed.cpu()
             scales.append(scale.cpu())
             continue
@@ -143,9 +171,7 @@ def pieces(item: Item, ctx: Ctx, data: dict[str, torch.Tensor] | None = None) ->
         if item.dst_rep == source.PLAIN:
             yield names[0], w.to(shards.DTYPES[item.entries[0].dtype]).cpu()
             continue
-        check_finite(item, w, ctx.ops)
-        encode = ctx.ops.fp8_encode if item.dst_rep == source.FP8 else ctx.ops.int4_encode
-        q, scale = encode(w, ctx.scheme)
+        q, scale = encode(item, w, ctx)
         yield names[0], q.cpu()
         scales.append(scale.cpu())
     if item.dst_rep == source.FP8:

@@ -35,6 +35,9 @@ class Ops:
     int4_encode: Callable[[torch.Tensor, QuantScheme], tuple[torch.Tensor, torch.Tensor]]
     fp8_to_int4: Callable[[torch.Tensor, torch.Tensor, QuantScheme, QuantScheme], tuple[torch.Tensor, torch.Tensor]]
     count_nonfinite: Callable[[torch.Tensor], int]  # NaN/Inf of a float tensor, NaN codes of an E4M3 one
+    #: True: fp8_decode, fp8_encode, int4_encode and fp8_to_int4 raise ``errors.NonFinite`` on NaN/Inf input (or
+    #: E4M3 NaN codes), found in the same pass that converts it; False: the caller counts them first
+    checks_input: bool = False
 
 
 def _ref_int4_encode(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,12 +77,14 @@ def _fast_ops() -> Ops | None:
         return None
     return Ops(
         "fast",
-        fp8_decode=lambda q, s, sch: fast.fp8_dequantize(q, s, sch.block_size),
+        fp8_decode=lambda q, s, sch: fast.fp8_dequantize(q, s, sch.block_size, check=True),
         int4_decode=lambda p, s, k, sch: fast.int4_unpack_dequantize(p, s, k, sch.group_size),
-        fp8_encode=lambda w, sch: fast.fp8_quantize(w, sch.block_size),
-        int4_encode=lambda w, sch: fast.int4_quantize_pack(w, sch.group_size, sch.scale_rule),
-        fp8_to_int4=lambda q, s, src, dst: fast.fp8_to_int4(q, s, dst.group_size, dst.scale_rule, src.block_size),
+        fp8_encode=lambda w, sch: fast.fp8_quantize(w, sch.block_size, check=True),
+        int4_encode=lambda w, sch: fast.int4_quantize_pack(w, sch.group_size, sch.scale_rule, check=True),
+        fp8_to_int4=lambda q, s, src, dst: fast.fp8_to_int4(q, s, dst.group_size, dst.scale_rule, src.block_size,
+                                                            check=True),
         count_nonfinite=fast.count_nonfinite,
+        checks_input=True,
     )
 
 

@@ -20,11 +20,14 @@ convert rejects NaN/Inf weights before encoding.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+from typing import Iterator
 
 import torch
 
+from k2quant.errors import NonFinite
 from k2quant.quant.names import INT4_RULES as SCALE_RULES
 
 try:  # a dependency; guarded so that a broken numba install degrades to the reference kernels
@@ -43,6 +46,8 @@ if numba is not None:
     _F32_MAX = np.float32(FP8_E4M3_MAX)
     _F32_FLOOR = np.float32(AMAX_FLOOR)  # torch clamps an fp32 tensor with the scalar cast to fp32
     _BF16_EPS_BITS = np.uint16(0x3C00)  # 2**-7, int4_group's scale for all-zero groups
+    _F32_INF_BITS = np.uint32(0x7F800000)  # |x| bits at or above this: Inf or NaN
+    _E4M3_SUB = np.float32(2.0 ** -9)  # the E4M3 subnormal step
 
     def _as_f32(v):
         """fp32 value of one element given as bits: bf16 (uint16) or fp32 (uint32)."""
@@ -127,30 +132,44 @@ if numba is not None:
                 q[r, c] = _e4m3_bits(_clamp(_as_f32(w[r, c]) / s, -_F32_MAX, _F32_MAX))
         return s
 
-    @numba.njit(parallel=True, **_JIT)
-    def _fp8_luts(scale, e4m3_f32):
-        """bf16 bits of ``fp32(code) * scale`` for all 256 codes of every tile: [Nt * Kt, 256] uint16."""
-        nt, kt = scale.shape
-        lut = np.empty((nt * kt, 256), np.uint16)
-        for t in numba.prange(nt * kt):
-            s = scale[t // kt, t % kt]
-            for c in range(256):
-                lut[t, c] = _bf16_bits(e4m3_f32[c] * s)
-        return lut
+    @numba.njit(inline="always", **_JIT)
+    def _e4m3_value(v: np.uint8) -> np.float32:
+        """fp32 value of an E4M3 code (exact; NaN for 0x7f/0xff), branch-free: no per-call table to build.
+
+        Decoding with it measured as fast as the per-tile tables it replaces (4.2 ms for a 2048x7168 expert on
+        one core: bound by memory, ~10 GB/s); the bytes are the same (one IEEE multiply by the tile scale)."""
+        b = np.uint32(v)
+        mag = b & np.uint32(0x7F)
+        # normal (exponent 1..15): rebias 7 -> 127 and widen the mantissa 3 -> 23 bits in one shift and add
+        normal = np.uint32((mag << np.uint32(20)) + np.uint32(120 << 23))
+        # subnormal (exponent 0): mantissa * 2^-9, exact in fp32
+        sub = np.float32(np.float32(mag) * _E4M3_SUB).view(np.uint32)
+        r = normal if mag >= np.uint32(8) else sub
+        r = np.uint32(0x7FC00000) if mag == np.uint32(0x7F) else r
+        return np.uint32(r | ((b & np.uint32(0x80)) << np.uint32(24))).view(np.float32)
 
     @numba.njit(inline="always", **_JIT)
-    def _fp8_decode_row(q, lut, r, bn, bk, kt, out):
-        """Row ``r`` of the codes -> bf16 bits in ``out`` through its tiles' tables."""
+    def _fp8_decode_row(q, scale, r, bn, bk, out):
+        """Row ``r`` of the codes -> bf16 bits of ``fp32(code) * tile scale`` (one IEEE multiply) in ``out``.
+
+        Returns the OR of ``(code & 0x7f) + 1`` over the row: bit 7 (0x80) is set exactly when it holds an E4M3
+        NaN code (the check rides the decode, so convert needs no second pass over the codes)."""
         k = q.shape[1]
-        base = (r // bn) * kt
-        for j in range(k // bk):
-            tab = lut[base + j]
+        i = r // bn
+        m = np.uint32(0)  # 32-bit: numba widens uint8 arithmetic to 64 bits, which vectorises 2x narrower
+        for j in range(k // bk):  # whole tiles: a constant width, fully vectorised
+            s = scale[i, j]
             for c in range(j * bk, j * bk + bk):
-                out[c] = tab[q[r, c]]
+                v = q[r, c]
+                out[c] = _bf16_bits(_e4m3_value(v) * s)
+                m |= (np.uint32(v) & np.uint32(0x7F)) + np.uint32(1)  # 0x80 only from a NaN code
         if k % bk:  # a partial last tile
-            tab = lut[base + k // bk]
+            s = scale[i, k // bk]
             for c in range(k - k % bk, k):
-                out[c] = tab[q[r, c]]
+                v = q[r, c]
+                out[c] = _bf16_bits(_e4m3_value(v) * s)
+                m |= (np.uint32(v) & np.uint32(0x7F)) + np.uint32(1)  # 0x80 only from a NaN code
+        return m
 
     # -- INT4 --------------------------------------------------------------------------------------
     @numba.njit(**_JIT)
@@ -166,14 +185,17 @@ if numba is not None:
     def _int4_encode_row(x, g, library, packed, scale, codes):
         """One row: x [K] (bf16 or fp32 bits) -> packed [K/2] bytes (little-endian words), scale [K/g] bits.
 
-        ``codes`` [K] uint8 is scratch for the nibbles before they are paired into bytes.
+        ``codes`` [K] uint8 is scratch for the nibbles before they are paired into bytes. Returns whether
+        the row holds a NaN/Inf (a group's |x| bits reach the fp32 exponent mask): found by the amax pass.
         """
         k = x.shape[0]
+        top = np.uint32(0)
         for gi in range(k // g):
             c0 = gi * g
             m = np.uint32(0)
             for c in range(c0, c0 + g):
                 m = max(m, _abs_bits(x[c]))
+            top = max(top, m)
             sb = _int4_scale_bits(_amax_f32(m), library)
             scale[gi] = sb
             s = _f32_of_bf16(sb)
@@ -188,14 +210,19 @@ if numba is not None:
                     codes[c] = np.uint8(np.int32(v) + 8)
         for b in range(k // 2):  # element 2b in the low nibble of byte b, 2b + 1 in the high one
             packed[b] = codes[2 * b] | np.uint8(codes[2 * b + 1] << np.uint8(4))
+        return top >= _F32_INF_BITS
 
 
 # -- kernels per block / group size (compile-time constants; numba caches each on disk) -------------
+#: rows per parallel task of the row kernels: their scratch rows are allocated once per task, not per row
+ROWS = 16
+
+
 @functools.cache
 def _fp8_quantize_kernel(bn: int, bk: int):
     @numba.njit(parallel=True, **_JIT)
     def kernel(w, q, scale):
-        """w [N, K] (bf16 or fp32 bits) -> q [N, K] E4M3 bits, scale [Nt, Kt] fp32."""
+        """w [N, K] (bf16 or fp32 bits) -> q [N, K] E4M3 bits, scale [Nt, Kt] fp32 (NaN/Inf where the tile is)."""
         n, k = w.shape
         nt, kt = scale.shape
         for i in numba.prange(nt):  # over rows of tiles: a prange over single tiles runs 6x slower
@@ -210,33 +237,49 @@ def _fp8_quantize_kernel(bn: int, bk: int):
 @functools.cache
 def _fp8_dequantize_kernel(bn: int, bk: int):
     @numba.njit(parallel=True, **_JIT)
-    def kernel(q, lut, kt, out):
-        """q [N, K] E4M3 bits -> out [N, K] bf16 bits through the tables of the [Nt, kt] tiles."""
-        for r in numba.prange(q.shape[0]):
-            _fp8_decode_row(q, lut, r, bn, bk, kt, out[r])
+    def kernel(q, scale, out, special):
+        """q [N, K] E4M3 bits, scale [>= Nt, >= Kt] fp32 -> out [N, K] bf16 bits;
+        special [ceil(N / ROWS)]: 1 where those rows hold a NaN code."""
+        n = q.shape[0]
+        for b in numba.prange(special.shape[0]):
+            m = np.uint32(0)
+            for r in range(b * ROWS, min(n, b * ROWS + ROWS)):
+                m |= _fp8_decode_row(q, scale, r, bn, bk, out[r])
+            special[b] = (m & np.uint32(0x80)) != 0
     return kernel
 
 
 @functools.cache
 def _int4_quantize_kernel(g: int):
     @numba.njit(parallel=True, **_JIT)
-    def kernel(w, library, packed, scale):
-        """w [N, K] (bf16 or fp32 bits) -> packed [N, K/2] bytes, scale [N, K/g] bf16 bits."""
-        for r in numba.prange(w.shape[0]):
-            _int4_encode_row(w[r], g, library, packed[r], scale[r], np.empty(w.shape[1], np.uint8))
+    def kernel(w, library, packed, scale, special):
+        """w [N, K] (bf16 or fp32 bits) -> packed [N, K/2] bytes, scale [N, K/g] bf16 bits;
+        special [ceil(N / ROWS)]: 1 where those rows hold a NaN/Inf."""
+        n, k = w.shape
+        for b in numba.prange(special.shape[0]):
+            codes = np.empty(k, np.uint8)
+            bad = False
+            for r in range(b * ROWS, min(n, b * ROWS + ROWS)):
+                bad |= _int4_encode_row(w[r], g, library, packed[r], scale[r], codes)
+            special[b] = bad
     return kernel
 
 
 @functools.cache
 def _fp8_to_int4_kernel(bn: int, bk: int, g: int):
     @numba.njit(parallel=True, **_JIT)
-    def kernel(q, lut, kt, library, packed, scale):
-        """FP8 codes -> bf16 (a row at a time, through the [Nt, kt] tile tables) -> INT4 packed + scales."""
+    def kernel(q, fp8_scale, library, packed, scale, special):
+        """FP8 codes -> bf16 (a row at a time, with the fp32 tile scales) -> INT4 packed + scales;
+        special [ceil(N / ROWS)]: 1 where those rows hold a NaN code."""
         n, k = q.shape
-        for r in numba.prange(n):
+        for b in numba.prange(special.shape[0]):
             row = np.empty(k, np.uint16)
-            _fp8_decode_row(q, lut, r, bn, bk, kt, row)
-            _int4_encode_row(row, g, library, packed[r], scale[r], np.empty(k, np.uint8))
+            codes = np.empty(k, np.uint8)
+            m = np.uint32(0)
+            for r in range(b * ROWS, min(n, b * ROWS + ROWS)):
+                m |= _fp8_decode_row(q, fp8_scale, r, bn, bk, row)
+                _int4_encode_row(row, g, library, packed[r], scale[r], codes)
+            special[b] = (m & np.uint32(0x80)) != 0
     return kernel
 
 
@@ -265,6 +308,8 @@ def available() -> bool:
     if numba is None or sys.byteorder != "little":  # packed bytes are viewed as little-endian int32 words
         return False
     try:
+        with _without_scipy_blas():
+            _f32_of_bf16(np.uint16(0))  # numba's first compile (or cache load) loads its registries
         w = torch.linspace(-2, 2, 130 * 256).reshape(130, 256).to(torch.bfloat16)
         q, s = fp8_quantize(w)
         fp8_dequantize(q, s)
@@ -277,6 +322,24 @@ def available() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _without_scipy_blas() -> Iterator[None]:
+    """Hide scipy.linalg while numba loads its typing registries, if neither is loaded yet.
+
+    numba's first compile imports ``numba.np.arraymath``, which probes for BLAS by importing scipy.linalg
+    (0.45 s of a 2-core start-up, measured); no kernel here calls BLAS, and without it numba's ``np.dot``
+    uses its own loop. The placeholder is removed afterwards: scipy.linalg imports normally later."""
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        yield
+        return
+    sys.modules["scipy.linalg"] = None  # type: ignore[assignment]  # import -> ImportError
+    try:
+        yield
+    finally:
+        if "scipy.linalg" in sys.modules and sys.modules["scipy.linalg"] is None:
+            del sys.modules["scipy.linalg"]
+
+
 def _check_cpu(t: torch.Tensor) -> None:
     if numba is None:
         raise RuntimeError("k2quant.quant.fast: numba did not import (reinstall k2quant's dependencies: "
@@ -284,9 +347,16 @@ def _check_cpu(t: torch.Tensor) -> None:
     assert t.device.type == "cpu", "fast kernels run on CPU tensors"
 
 
-def _threads() -> None:
-    """Use as many threads as torch is allowed (convert's workers set 1)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+#: elements per thread below which a kernel runs on fewer threads: waking a thread costs a scheduler slice
+#: (~8 ms per call, measured, whatever the size, when another process keeps a core busy)
+MIN_WORK_PER_THREAD = 1 << 22
+
+
+def _threads(work: int) -> None:
+    """Use as many threads as torch is allowed (convert sizes that to the free cores), but at least
+    ``MIN_WORK_PER_THREAD`` elements each."""
+    allowed = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(max(1, min(allowed, work // MIN_WORK_PER_THREAD)))
 
 
 def _float_array(w: torch.Tensor) -> np.ndarray:
@@ -299,10 +369,6 @@ def _float_array(w: torch.Tensor) -> np.ndarray:
     return w.to(torch.float32).view(torch.int32).numpy().view(np.uint32)  # fp16 -> fp32 is exact
 
 
-@functools.cache
-def _e4m3_table() -> np.ndarray:
-    """fp32 value of each of the 256 E4M3 codes (exact)."""
-    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8_DTYPE).float().numpy()
 
 
 def _batched(x: torch.Tensor, fn, *rest: torch.Tensor):
@@ -313,31 +379,46 @@ def _batched(x: torch.Tensor, fn, *rest: torch.Tensor):
                  for i in range(len(outs[0])))
 
 
-def fp8_quantize(w: torch.Tensor, block_size: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fp8_block.quantize_weight``: (q float8_e4m3fn ``[..., N, K]``, scale fp32 ``[..., Nt, Kt]``)."""
+def _special(found: bool, check: bool, what: str) -> None:
+    """Raise ``NonFinite`` when a checking call's kernel met special values in its input."""
+    if check and found:
+        raise NonFinite(what)
+
+
+def fp8_quantize(w: torch.Tensor, block_size: tuple[int, int] = (128, 128),
+                 check: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp8_block.quantize_weight``: (q float8_e4m3fn ``[..., N, K]``, scale fp32 ``[..., Nt, Kt]``).
+
+    ``check``: raise ``NonFinite`` if ``w`` holds NaN/Inf (a tile's scale is then NaN/Inf: no second pass)."""
     _check_cpu(w)
     if w.dim() > 2:
-        return _batched(w, lambda x: fp8_quantize(x, block_size))
+        return _batched(w, lambda x: fp8_quantize(x, block_size, check))
     n, k = w.shape
     bn, bk = block_size
     q = np.empty((n, k), np.uint8)
     scale = np.empty((-(-n // bn), -(-k // bk)), np.float32)
-    _threads()
+    _threads(n * k)
     _fp8_quantize_kernel(bn, bk)(_float_array(w), q, scale)
+    _special(check and not np.isfinite(scale).all(), check, "NaN/Inf weight")
     return torch.from_numpy(q).view(FP8_DTYPE), torch.from_numpy(scale)
 
 
-def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """``fp8_block.dequantize(q, scale, scheme, bf16)``: bf16 ``[..., N, K]``."""
+def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] = (128, 128),
+                   check: bool = False) -> torch.Tensor:
+    """``fp8_block.dequantize(q, scale, scheme, bf16)``: bf16 ``[..., N, K]``.
+
+    ``check``: raise ``NonFinite`` if ``q`` holds an E4M3 NaN code (0x7f/0xff), found during the decode."""
     _check_cpu(q)
     if q.dim() > 2:
-        return _batched(q, lambda a, b: (fp8_dequantize(a, b, block_size),), scale)[0]
+        return _batched(q, lambda a, b: (fp8_dequantize(a, b, block_size, check),), scale)[0]
     bn, bk = block_size
     _check_grid(q, scale, block_size)
-    _threads()
-    lut = _fp8_luts(scale.to(torch.float32).contiguous().numpy(), _e4m3_table())
+    _threads(q.numel())
     out = np.empty(q.shape, np.uint16)
-    _fp8_dequantize_kernel(bn, bk)(q.contiguous().view(torch.uint8).numpy(), lut, scale.shape[-1], out)
+    special = np.empty(-(-q.shape[0] // ROWS), np.bool_)
+    _fp8_dequantize_kernel(bn, bk)(q.contiguous().view(torch.uint8).numpy(),
+                                   scale.to(torch.float32).contiguous().numpy(), out, special)
+    _special(special.any(), check, "E4M3 NaN code")
     return torch.from_numpy(out).view(torch.bfloat16)
 
 
@@ -354,15 +435,21 @@ def _int4_outputs(n: int, k: int, group_size: int) -> tuple[np.ndarray, np.ndarr
     return np.empty((n, k // 8), np.int32), np.empty((n, k // group_size), np.uint16)
 
 
-def int4_quantize_pack(w: torch.Tensor, group_size: int, scale_rule: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``int4_group.pack(quantize_weight(w))``: (packed int32 ``[..., N, K/8]``, scale bf16 ``[..., N, K/g]``)."""
+def int4_quantize_pack(w: torch.Tensor, group_size: int, scale_rule: str,
+                       check: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``int4_group.pack(quantize_weight(w))``: (packed int32 ``[..., N, K/8]``, scale bf16 ``[..., N, K/g]``).
+
+    ``check``: raise ``NonFinite`` if ``w`` holds NaN/Inf (found by the amax pass: no second pass)."""
     _check_cpu(w)
     assert scale_rule in SCALE_RULES, f"unknown scale rule {scale_rule!r}"
     *lead, n, k = w.shape
-    packed, scale = _int4_outputs(n * int(np.prod(lead)), k, group_size)
-    _threads()
+    rows = n * int(np.prod(lead))
+    packed, scale = _int4_outputs(rows, k, group_size)
+    special = np.empty(-(-rows // ROWS), np.bool_)
+    _threads(rows * k)
     kernel = _int4_quantize_kernel(group_size)
-    kernel(_float_array(w.reshape(-1, k)), scale_rule == "library", packed.view(np.uint8), scale)
+    kernel(_float_array(w.reshape(-1, k)), scale_rule == "library", packed.view(np.uint8), scale, special)
+    _special(special.any(), check, "NaN/Inf weight")
     return (torch.from_numpy(packed).reshape(*lead, n, k // 8),
             torch.from_numpy(scale).view(torch.bfloat16).reshape(*lead, n, k // group_size))
 
@@ -376,7 +463,7 @@ def int4_unpack_dequantize(packed: torch.Tensor, scale: torch.Tensor, k: int, gr
     assert packed.dtype == torch.int32 and scale.dtype == torch.bfloat16, "packed int32 and bf16 scales expected"
     *lead, n, _ = packed.shape
     out = np.empty((n * int(np.prod(lead)), k), np.uint16)
-    _threads()
+    _threads(out.size)
     _int4_dequantize_kernel(group_size)(
         packed.contiguous().reshape(-1, k // 8).numpy().view(np.uint8),
         scale.contiguous().reshape(-1, k // group_size).view(torch.uint16).numpy(), out)
@@ -384,21 +471,25 @@ def int4_unpack_dequantize(packed: torch.Tensor, scale: torch.Tensor, k: int, gr
 
 
 def fp8_to_int4(q: torch.Tensor, fp8_scale: torch.Tensor, group_size: int, scale_rule: str,
-                block_size: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
-    """``int4_quantize_pack(fp8_dequantize(q, fp8_scale), ...)`` fused: one bf16 row at a time, no full copy."""
+                block_size: tuple[int, int] = (128, 128), check: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``int4_quantize_pack(fp8_dequantize(q, fp8_scale), ...)`` fused: one bf16 row at a time, no full copy.
+
+    ``check``: raise ``NonFinite`` if ``q`` holds an E4M3 NaN code, found during the decode."""
     _check_cpu(q)
     assert scale_rule in SCALE_RULES, f"unknown scale rule {scale_rule!r}"
     if q.dim() > 2:
-        return _batched(q, lambda a, b: fp8_to_int4(a, b, group_size, scale_rule, block_size), fp8_scale)
+        return _batched(q, lambda a, b: fp8_to_int4(a, b, group_size, scale_rule, block_size, check), fp8_scale)
     n, k = q.shape
     bn, bk = block_size
     packed, scale = _int4_outputs(n, k, group_size)
     _check_grid(q, fp8_scale, block_size)
-    _threads()
-    lut = _fp8_luts(fp8_scale.to(torch.float32).contiguous().numpy(), _e4m3_table())
+    special = np.empty(-(-n // ROWS), np.bool_)
+    _threads(n * k)
     kernel = _fp8_to_int4_kernel(bn, bk, group_size)
-    kernel(q.contiguous().view(torch.uint8).numpy(), lut, fp8_scale.shape[-1], scale_rule == "library",
-           packed.view(np.uint8), scale)
+    kernel(q.contiguous().view(torch.uint8).numpy(), fp8_scale.to(torch.float32).contiguous().numpy(),
+           scale_rule == "library",
+           packed.view(np.uint8), scale, special)
+    _special(special.any(), check, "E4M3 NaN code")
     return torch.from_numpy(packed), torch.from_numpy(scale).view(torch.bfloat16)
 
 
@@ -443,7 +534,7 @@ def count_nonfinite(t: torch.Tensor) -> int:
                                    _lanes(1 << (width - 1), width))
     if clean and not (bits[whole:] & mask == mask).any():
         return 0
-    _threads()
+    _threads(bits.size)
     return int(_count_special(bits, bits.dtype.type(mask)))
 
 

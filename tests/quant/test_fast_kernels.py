@@ -257,3 +257,70 @@ def test_count_nonfinite_fp8_nan_codes():
     want = int(torch.isnan(codes.float()).sum())
     assert want == 6  # 0x7f and 0xff, three times
     assert fast.count_nonfinite(codes) == want
+
+
+# -- special values found by the converting kernels themselves (check=True: one pass, no count) --------
+def _checking_calls():
+    """(name, input dtype, call(x) with check=True) for every kernel convert asks to check its input."""
+    def fp8_scale(q):  # ones: finite tiles, so that only the codes can be special
+        return torch.ones(-(-q.shape[0] // 128), -(-q.shape[1] // 128))
+    return [
+        ("fp8_quantize", torch.bfloat16, lambda x: fast.fp8_quantize(x, check=True)),
+        ("fp8_quantize fp32", torch.float32, lambda x: fast.fp8_quantize(x, check=True)),
+        ("int4 library", torch.bfloat16, lambda x: fast.int4_quantize_pack(x, 32, "library", check=True)),
+        ("int4 kimi fp16", torch.float16, lambda x: fast.int4_quantize_pack(x, 32, "kimi", check=True)),
+        ("fp8_dequantize", FP8_DTYPE, lambda q: fast.fp8_dequantize(q, fp8_scale(q), check=True)),
+        ("fp8_to_int4", FP8_DTYPE, lambda q: fast.fp8_to_int4(q, fp8_scale(q), 32, "library", check=True)),
+    ]
+
+
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("name,dtype,call", _checking_calls(), ids=[c[0] for c in _checking_calls()])
+def test_checking_kernels_find_every_special_value(name, dtype, call):
+    """One NaN/Inf (or E4M3 NaN code) anywhere, in any row block or tile, raises NonFinite; none does not.
+
+    Oracle: the planted position; the clean input also holds each dtype's largest finite value."""
+    from k2quant.errors import NonFinite
+
+    n, k = 300, 256  # several ROWS blocks and a partial last 128-row tile
+    g = torch.Generator().manual_seed(11)
+    if dtype == FP8_DTYPE:
+        clean = torch.randint(0, 0x7E, (n, k), generator=g, dtype=torch.uint8)  # codes below the NaN code
+        clean[5, 7] = 0x7E  # +448, the largest finite code
+        specials = [0x7F, 0xFF]
+    else:
+        clean = torch.randn(n, k, generator=g).to(dtype)
+        clean[5, 7] = torch.finfo(dtype).max
+        specials = [float("nan"), float("inf"), -float("inf")]
+    as_input = (lambda t: t.view(FP8_DTYPE)) if dtype == FP8_DTYPE else (lambda t: t)
+    call(as_input(clean))  # no special value: no error
+    for r, c in [(0, 0), (17, 129), (n - 1, k - 1), (150, 64)]:
+        for value in specials:
+            bad = clean.clone()
+            bad[r, c] = value
+            with pytest.raises(NonFinite):
+                call(as_input(bad))
+
+
+def test_checking_kernels_give_the_same_bytes():
+    """check=True changes nothing but the raising: the results equal the non-checking calls'."""
+    w = weights((130, 256), torch.bfloat16, seed=12, log2_scale=-6, specials=10)
+    q, s = fast.fp8_quantize(w)
+    q2, s2 = fast.fp8_quantize(w, check=True)
+    assert torch.equal(bits(q), bits(q2)) and torch.equal(s, s2)
+    for rule in ("library", "kimi"):
+        a, b = fast.int4_quantize_pack(w, 32, rule), fast.int4_quantize_pack(w, 32, rule, check=True)
+        assert torch.equal(a[0], b[0]) and torch.equal(bits(a[1]), bits(b[1]))
+        a, b = fast.fp8_to_int4(q, s, 32, rule), fast.fp8_to_int4(q, s, 32, rule, check=True)
+        assert torch.equal(a[0], b[0]) and torch.equal(bits(a[1]), bits(b[1]))
+    assert torch.equal(bits(fast.fp8_dequantize(q, s)), bits(fast.fp8_dequantize(q, s, check=True)))
+
+
+def test_fp32_above_bf16_max_is_not_special():
+    """A finite fp32 weight beyond bf16's range makes an Inf library scale, but is not a NaN/Inf input."""
+    w = torch.ones(4, 64)
+    w[1, 3] = 3.395e38  # finite in fp32, rounds to Inf in bf16
+    fast.int4_quantize_pack(w, 32, "library", check=True)
+    fast.fp8_quantize(w, check=True)

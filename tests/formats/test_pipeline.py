@@ -1,0 +1,212 @@
+"""The conversion pipeline around the kernels: special values refused in one pass, overlapped reads and
+writes that give the sequential run's bytes, and failures in the reader or writer thread."""
+import errno
+import hashlib
+import json
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from k2quant.errors import FormatError, OutputError
+from k2quant.formats import convert, items, pipeline, shards
+from k2quant.formats.checkpoint import INDEX, MANIFEST
+from k2quant.quant import scheme as qscheme
+
+EXPERT = "model.layers.2.mlp.experts.3.up_proj"
+
+
+def shard_of(path, name):
+    return path / json.loads((path / INDEX).read_text())["weight_map"][name]
+
+
+def poisoned(tiny_dirs, tmp_path, fmt, fn):
+    """A copy of the tiny ``fmt`` checkpoint with the expert's weight rewritten by ``fn``."""
+    src = tmp_path / f"src-{fmt}"
+    shutil.copytree(tiny_dirs[fmt], src)
+    f = shard_of(src, EXPERT + ".weight")
+    sd = load_file(str(f))
+    sd[EXPERT + ".weight"] = fn(sd[EXPERT + ".weight"].clone())
+    save_file(sd, str(f), metadata={"format": "pt"})
+    return src, f
+
+
+def assert_nothing_complete(out):
+    assert not (out / INDEX).exists()
+    assert not list(out.glob("*.k2q-tmp"))
+    assert not list(out.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("kernel", ["auto", "reference"])
+@pytest.mark.parametrize("target", ["fp8", "int4"])
+def test_nan_inf_in_a_float_weight_is_refused_in_every_direction(tiny_dirs, tmp_path, kernel, target):
+    def poison(w):  # [96, 320]: one NaN and one Inf, in different tiles and groups, past the first rows
+        w[70, 200] = float("nan")
+        w[33, 5] = -float("inf")
+        return w
+
+    src, f = poisoned(tiny_dirs, tmp_path, "bf16", poison)
+    with pytest.raises(FormatError) as e:
+        convert.convert(src, tmp_path / "o", target, qscheme.for_target(target), kernel=kernel)
+    assert str(e.value) == (f"{f}: weight {EXPERT}.weight holds 2 NaN/Inf values and cannot be quantized; fix the "
+                            f"source weights or keep this module unquantized with --ignore {EXPERT}")
+    assert_nothing_complete(tmp_path / "o")
+
+
+@pytest.mark.parametrize("kernel", ["auto", "reference"])
+@pytest.mark.parametrize("target", ["bf16", "int4"])
+@pytest.mark.parametrize("code", [0x7F, 0xFF])
+def test_nan_code_in_an_fp8_weight_is_refused_in_every_direction(tiny_dirs, tmp_path, kernel, target, code):
+    def poison(q):  # one E4M3 NaN code deep inside the tensor
+        q.view(torch.uint8)[90, 250] = code
+        return q
+
+    src, f = poisoned(tiny_dirs, tmp_path, "fp8", poison)
+    with pytest.raises(FormatError) as e:
+        convert.convert(src, tmp_path / "o", target, qscheme.for_target(target), kernel=kernel)
+    assert str(e.value) == (f"{f}: FP8 weight '{EXPERT}.weight' holds NaN codes (0x7f/0xff); the checkpoint is "
+                            f"corrupt: re-download this shard")
+    assert_nothing_complete(tmp_path / "o")
+
+
+# -- overlapped reads, writes and fsyncs -------------------------------------------------------------
+SHARD = 700_000  # bytes: several output shards from the tiny checkpoints
+
+
+def sequential(jobs, progress):
+    """The plain order, nothing overlapped across shards: each shard written, fsynced and renamed in turn."""
+    for job in jobs:
+        yield pipeline.run_shard(job, progress)
+
+
+def files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("src,target", [("fp8", "int4"), ("bf16", "fp8"), ("int4", "bf16")])
+def test_overlapped_pipeline_writes_the_sequential_bytes(tiny_dirs, tmp_path, monkeypatch, src, target):
+    monkeypatch.setattr(shards, "WRITEBACK_BYTES", 4096)  # hand ranges to the disk many times per shard
+    scheme = qscheme.for_target(target)
+    convert.convert(tiny_dirs[src], tmp_path / "overlapped", target, scheme, max_shard_size=SHARD)
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "run_sequential", sequential)
+        convert.convert(tiny_dirs[src], tmp_path / "sequential", target, scheme, max_shard_size=SHARD)
+    got, want = files(tmp_path / "overlapped"), files(tmp_path / "sequential")
+    assert sum(n.endswith(".safetensors") for n in got) >= 3
+    assert got == want
+    manifest = json.loads(got[MANIFEST])
+    for name, rec in manifest["shards"].items():  # the hash computed while writing is the file's
+        assert rec["sha256"] == hashlib.sha256(got[name]).hexdigest()
+
+
+def assert_no_complete_output(out):
+    """No index, no temp file; a shard left behind has its completion record (a resumed run keeps it)."""
+    assert not (out / INDEX).exists()
+    assert not list(out.glob("*" + shards.TMP_SUFFIX))
+    state = out / ".k2q-state"
+    for p in out.glob("*.safetensors"):
+        rec = json.loads((state / f"{p.name}.json").read_text())
+        assert rec["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("fail_at", [1, 4, 9])
+def test_an_error_in_the_reader_thread_is_raised_once_and_nothing_looks_complete(tiny_dirs, tmp_path, monkeypatch,
+                                                                                 fail_at):
+    real, calls, threads = items.prefetch, [], set()
+
+    def prefetch(item):
+        calls.append(item)
+        threads.add(threading.current_thread().name)
+        if len(calls) == fail_at:
+            raise FormatError(f"{item.key}: planted read error")
+        return real(item)
+
+    monkeypatch.setattr(items, "prefetch", prefetch)
+    with pytest.raises(FormatError, match="planted read error") as e:
+        convert.convert(tiny_dirs["fp8"], tmp_path / "o", "int4", qscheme.for_target("int4"), max_shard_size=SHARD)
+    assert e.value.__context__ is None or not isinstance(e.value.__context__, FormatError)
+    assert all(t.startswith("k2q-read") for t in threads)
+    assert_no_complete_output(tmp_path / "o")
+
+
+@pytest.mark.parametrize("fail_at", [1, 5, 30])
+def test_disk_full_in_the_writer_thread_is_one_error_and_nothing_looks_complete(tiny_dirs, tmp_path, monkeypatch,
+                                                                                fail_at):
+    real, calls = shards.ShardWriter.write_raw, []
+
+    def write_raw(self, name, data):
+        calls.append(threading.current_thread().name)
+        if len(calls) == fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, data)
+
+    monkeypatch.setattr(shards.ShardWriter, "write_raw", write_raw)
+    out = tmp_path / "o"
+    with pytest.raises(OutputError) as e:
+        convert.convert(tiny_dirs["bf16"], out, "int4", qscheme.for_target("int4"), max_shard_size=SHARD)
+    assert str(e.value).startswith(f"{out}: disk full while writing model-0000")
+    assert str(e.value).endswith("the partial file was removed and no index was written. Free space (or use "
+                                 "another disk) and run again")
+    assert all(t.startswith("k2q-write") for t in calls)
+    assert_no_complete_output(out)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_a_failed_fsync_at_commit_is_one_error_and_nothing_looks_complete(tiny_dirs, tmp_path, monkeypatch, fail_at):
+    real, calls = os.fsync, []
+
+    def fsync(fd):
+        if threading.current_thread().name.startswith("k2q-write"):
+            calls.append(fd)
+            if len(calls) == fail_at:
+                raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "o"
+    with pytest.raises(OutputError, match=r"cannot write \(Input/output error\)"):
+        convert.convert(tiny_dirs["fp8"], out, "bf16", None, max_shard_size=SHARD)
+    assert len(calls) >= fail_at  # the next shard may be committing already: it is aborted too
+    assert_no_complete_output(out)
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3, 8])
+@pytest.mark.parametrize("workers", [1, 2, 4, 16])
+@pytest.mark.parametrize("free", [None, 1, 2])
+def test_workers_never_oversubscribe_the_cores(monkeypatch, cores, workers, free):
+    monkeypatch.setattr(pipeline, "cores", lambda: cores)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    for shards_to_write in (1, 3, 100):
+        procs, threads = pipeline.worker_layout(workers, shards_to_write, free)
+        assert 1 <= procs <= min(workers, shards_to_write, cores)  # oracle: the machine's cores, as patched
+        assert threads >= 1 and procs * threads <= cores
+        budget = cores if free is None else min(free, cores)
+        assert procs * threads <= max(procs, budget)  # one thread per process at least, else the free cores
+        assert threads == max(1, min(8, budget) // procs)
+
+
+@pytest.mark.parametrize("cores,samples,want", [
+    (2, [(0.0, 0.0, 0.0), (1.0, 1.5, 0.5)], 1),   # another process kept one core busy: one left
+    (2, [(0.0, 0.0, 0.0), (1.0, 2.0, 2.0)], 2),   # all the busy time was this process's own
+    (4, [(0.0, 0.0, 0.0), (2.0, 5.0, 0.0)], 2),   # 2.5 cores busy elsewhere: 1.5 free, rounded
+    (2, [(0.0, 0.0, 0.0), (1.0, 9.0, 0.0)], 1),   # busier than the machine: at least one
+    (2, [(0.0, 0.0, 0.0), (0.01, 0.02, 0.0)], 2),  # too short a window to tell: every core
+])
+def test_free_cores_counts_the_other_processes_only(monkeypatch, cores, samples, want):
+    monkeypatch.setattr(pipeline, "cores", lambda: cores)
+    monkeypatch.setattr(pipeline, "cpu_sample", lambda: samples[-1])
+    assert pipeline.free_cores(samples[0]) == want
+
+
+def test_convert_restores_the_callers_torch_threads(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "free_cores", lambda since: 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        convert.convert(tiny_dirs["fp8"], tmp_path / "o", "int4", qscheme.for_target("int4"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
