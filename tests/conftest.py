@@ -3,7 +3,7 @@ import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # architecture descriptions cached by this session only (never the user's ~/.cache), child processes included
-os.environ.setdefault("K2QUANT_CACHE_DIR", tempfile.mkdtemp(prefix="k2quant-cache-"))
+os.environ.setdefault("K2QUANT_ARCH_CACHE", tempfile.mkdtemp(prefix="k2quant-cache-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

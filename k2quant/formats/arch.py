@@ -180,11 +180,12 @@ CACHE_VERSION = 1
 
 
 def cache_dir() -> Path:
-    """Where ``Arch`` descriptions are kept between runs: ``$K2QUANT_CACHE_DIR``, else the user's cache."""
-    env = os.environ.get("K2QUANT_CACHE_DIR")
+    """Where ``Arch`` descriptions are kept between runs: ``$K2QUANT_ARCH_CACHE``, else ``arch/`` in k2quant's
+    cache (``$K2QUANT_CACHE``, default ``~/.cache/k2quant``: the one the data wheels and SmolLM2 use)."""
+    env = os.environ.get("K2QUANT_ARCH_CACHE")
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "k2quant"
+    return Path(os.environ.get("K2QUANT_CACHE") or Path.home() / ".cache" / "k2quant") / "arch"
 
 
 def _disk_path(config_json: str) -> Path | None:

@@ -9,7 +9,7 @@ from k2quant.formats import arch, tiny
 
 @pytest.fixture
 def fresh(tmp_path, monkeypatch):
-    monkeypatch.setenv("K2QUANT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("K2QUANT_ARCH_CACHE", str(tmp_path / "cache"))
     arch._cached.cache_clear()
     yield tmp_path / "cache"
     arch._cached.cache_clear()
@@ -60,8 +60,9 @@ def test_the_quantized_checkpoints_of_a_model_share_its_entry(fresh, monkeypatch
 
 
 def test_no_home_directory_means_no_cache_not_an_error(fresh, monkeypatch):
-    monkeypatch.delenv("K2QUANT_CACHE_DIR")
+    monkeypatch.delenv("K2QUANT_ARCH_CACHE")
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("K2QUANT_CACHE", raising=False)
 
     def no_home():
         raise RuntimeError("Could not determine home directory.")
