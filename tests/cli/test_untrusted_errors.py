@@ -289,6 +289,6 @@ def test_qat_resume_without_eval_data(tmp_path):
                             seq_len=16, batch_size=2, eval_batches=1, save_every=1, stop_after=1)
     qat_train.run(cfg)
     code, msg = cli("qat", "--resume", root / "o" / "state", "--steps", "2", "--lr", "1e-3", "--seq-len", "16",
-                    "--batch-size", "2", "--train", "all")
+                    "--batch-size", "2")
     assert code == 0, msg
     assert json.loads((root / "o" / "state" / "run.json").read_text())["step"] == 2
