@@ -101,7 +101,9 @@ def audit_int4(path: str | Path | Checkpoint, scheme: QuantScheme) -> dict:
     scale rule reproduces. ``{rule: {"codes": share, "scales": share}, "tensors": n}``."""
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path)
     src = source.detect(ckpt)
-    mods = [m for m in source.modules(ckpt, src)[0].values() if m.rep == source.INT4 and scheme.matches(m.name)]
+    model = arch.from_config(ckpt.config)  # class names too: a selection such as --targets Linear matches by class
+    mods = [m for m in source.modules(ckpt, src)[0].values()
+            if m.rep == source.INT4 and scheme.matches(m.name, model.classes(m.name))]
     same = {r: [0, 0] for r in INT4_RULES}  # rule -> [codes equal, scales equal]
     n_codes = n_scales = 0
     for q, scale, by_rule in requantized(src, mods):

@@ -20,6 +20,7 @@ from k2quant.errors import K2QuantError
 from k2quant.eval import smollm2
 from k2quant.eval.tasks import sources
 from k2quant.formats import convert, load
+from k2quant.formats import inspect as finspect
 from k2quant.qat import config as qat_config
 from k2quant.qat import model as qat_model
 from k2quant.qat import state as qat_state
@@ -104,6 +105,8 @@ def test_cli_starts_from_int4_and_distills_from_the_bf16_teacher(smol, root):
     start = root / "rtn"
     scheme = qscheme.for_target("int4", scale_rule="kimi", targets=["Linear"], ignore=["lm_head"])
     convert.convert(smol, start, "int4", scheme)
+    audit = finspect.audit_int4(start, scheme)  # what qat checks before it starts: selected by class (Linear) too
+    assert audit["tensors"] == 210 and audit["kimi"] == {"codes": 1.0, "scales": 1.0}
     out = root / "from-int4"
     res = CliRunner().invoke(main, ["qat", str(start), "--teacher", str(smol), "--recipe", "linear", "--data",
                                     str(root / "data"), "--out", str(out), "--steps", "1", "--seq-len", "32",
