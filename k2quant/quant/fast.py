@@ -575,6 +575,9 @@ def int4_fake_quantize(w: torch.Tensor, group_size: int, scale_rule: str,
     *lead, n, k = w.shape
     assert k % group_size == 0, f"K={k} not divisible by group size {group_size}"
     out = np.empty((n * int(np.prod(lead)), k), np.uint16)
+    # a copy: a numpy view marks the tensor's storage non-resizable, and FSDP2 frees its parameters' storage
+    # by resizing it (QAT fake-quantizes FSDP2 parameters)
+    w = w.detach().clone()
     _threads(w.numel())
     _int4_fake_quantize_kernel(group_size)(_float_array(w.reshape(-1, k)), scale_rule == "library", out)
     return torch.from_numpy(out).view(torch.bfloat16).reshape(w.shape).to(out_dtype)

@@ -149,8 +149,10 @@ def test_fake_quant_runs_once_per_hit_expert_and_projection(tiny_model, monkeypa
     model = tiny_model()
     qat.prepare(model, qscheme.get("int4-g32", scale_rule="kimi"))
     calls = []
-    real = int4_group.fake_quantize
-    monkeypatch.setattr(int4_group, "fake_quantize", lambda w, *a, **k: calls.append(tuple(w.shape)) or real(w, *a, **k))
+    from k2quant.quant import dispatch
+
+    real = dispatch.fake_quantize  # what the forward calls (the fused kernel on CPU)
+    monkeypatch.setattr(dispatch, "fake_quantize", lambda w, *a, **k: calls.append(tuple(w.shape)) or real(w, *a, **k))
     hits = []
     for li in (1, 2):
         model.model.layers[li].mlp.gate.register_forward_hook(lambda m, a, out: hits.append(out[2].unique().numel()))
