@@ -182,6 +182,16 @@ if numba is not None:
         return _BF16_EPS_BITS if (s & np.uint16(0x7FFF)) == 0 else s
 
     @numba.njit(inline="always", **_JIT)
+    def _int4_code_library(x, s):
+        """The library rule's code of one element (bf16 or fp32 bits) as fp32: rint(clamp(bf16(bf16(x) / s), -8, 7))."""
+        return np.rint(_clamp(_f32_of_bf16(_bf16_bits(_as_bf16_f32(x) / s)), np.float32(-8), np.float32(7)))
+
+    @numba.njit(inline="always", **_JIT)
+    def _int4_code_kimi(x, s):
+        """The kimi rule's code of one element (bf16 or fp32 bits) as fp32: clamp(rint(x / s), -7, 7)."""
+        return _clamp(np.rint(_as_f32(x) / s), np.float32(-7), np.float32(7))
+
+    @numba.njit(inline="always", **_JIT)
     def _int4_encode_row(x, g, library, packed, scale, codes):
         """One row: x [K] (bf16 or fp32 bits) -> packed [K/2] bytes (little-endian words), scale [K/g] bits.
 
@@ -199,15 +209,12 @@ if numba is not None:
             sb = _int4_scale_bits(_amax_f32(m), library)
             scale[gi] = sb
             s = _f32_of_bf16(sb)
-            if library:  # q = rint(clamp(bf16(bf16(x) / s), -8, 7)): the library divides in bf16
+            if library:  # the library divides in bf16
                 for c in range(c0, c0 + g):
-                    v = np.rint(_clamp(_f32_of_bf16(_bf16_bits(_as_bf16_f32(x[c]) / s)),
-                                       np.float32(-8), np.float32(7)))
-                    codes[c] = np.uint8(np.int32(v) + 8)
-            else:  # q = clamp(rint(x / s), -7, 7)
+                    codes[c] = np.uint8(np.int32(_int4_code_library(x[c], s)) + 8)
+            else:
                 for c in range(c0, c0 + g):
-                    v = _clamp(np.rint(_as_f32(x[c]) / s), np.float32(-7), np.float32(7))
-                    codes[c] = np.uint8(np.int32(v) + 8)
+                    codes[c] = np.uint8(np.int32(_int4_code_kimi(x[c], s)) + 8)
         for b in range(k // 2):  # element 2b in the low nibble of byte b, 2b + 1 in the high one
             packed[b] = codes[2 * b] | np.uint8(codes[2 * b + 1] << np.uint8(4))
         return top >= _F32_INF_BITS
@@ -556,13 +563,10 @@ def _int4_fake_quantize_kernel(g: int):
                 s = _f32_of_bf16(_int4_scale_bits(_amax_f32(m), library))
                 if library:  # the codes exactly as _int4_encode_row computes them
                     for c in range(c0, c0 + g):
-                        v = np.rint(_clamp(_f32_of_bf16(_bf16_bits(_as_bf16_f32(x[c]) / s)),
-                                           np.float32(-8), np.float32(7)))
-                        o[c] = _bf16_bits(v * s)
+                        o[c] = _bf16_bits(_int4_code_library(x[c], s) * s)
                 else:
                     for c in range(c0, c0 + g):
-                        v = _clamp(np.rint(_as_f32(x[c]) / s), np.float32(-7), np.float32(7))
-                        o[c] = _bf16_bits(v * s)
+                        o[c] = _bf16_bits(_int4_code_kimi(x[c], s) * s)
     return kernel
 
 
