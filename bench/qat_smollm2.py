@@ -95,7 +95,7 @@ def score(names: list[str], n_eval: int | None = None) -> None:
 
 def _child_speed(fake_quant: bool, steps: int) -> dict:
     """In a child: build the student as ``k2quant qat`` does, run ``steps`` steps; step times and peak RSS."""
-    from k2quant.qat import losses, masters as m, model as qm, train as qt
+    from k2quant.qat import losses, masters as m, model as qm
     from k2quant.qat.config import QatConfig
 
     cfg = QatConfig(src=str(g.smollm2()), data=[], out="", targets=["Linear"], ignore=["lm_head"], seq_len=256,
@@ -119,7 +119,6 @@ def _child_speed(fake_quant: bool, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         ms.masters_to_params()
         times.append(time.perf_counter() - t0)
-    del qt
     return {"step_s": times, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "rss_before_training_gb": rss0 / 2**20}
 
