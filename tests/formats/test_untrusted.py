@@ -436,15 +436,21 @@ def big(tmp_path_factory):
     return src, conv(src, root / "ref", "fp8", max_shard_size=1_000_000)
 
 
-# Ctrl-C to the process group with --workers 2 exited 0 (the conversion ran to the end, complete and correct)
-# in full-suite runs since the overlapped pipeline landed; it passes run alone. Open on issue 17.
-_GROUP_SIGINT = pytest.mark.xfail(reason="Ctrl-C to the group with workers: ignored in full-suite runs since the "
-                                         "pipeline rework (issue 17)", strict=False)
+def _sigint_state(pid):
+    """Per thread of ``pid``: its name and whether SIGINT is blocked, ignored, caught or pending (from /proc)."""
+    bit, out = 1 << (signal.SIGINT - 1), []
+    for t in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            f = dict(x.split(":", 1) for x in (t / "status").read_text().splitlines() if ":" in x)
+            flags = [k for k in ("SigBlk", "SigIgn", "SigCgt", "SigPnd", "ShdPnd") if int(f[k], 16) & bit]
+            out.append(f"{(t / 'comm').read_text().strip()}[{'/'.join(flags) or '-'}]")
+        except (OSError, KeyError, ValueError):
+            continue
+    return " ".join(out)
 
 
-@pytest.mark.parametrize("sig,group,early", [pytest.param(signal.SIGINT, True, False, marks=_GROUP_SIGINT),
-                                             (signal.SIGTERM, False, False),
-                                             pytest.param(signal.SIGINT, True, True, marks=_GROUP_SIGINT)])
+@pytest.mark.parametrize("sig,group,early", [(signal.SIGINT, True, False), (signal.SIGTERM, False, False),
+                                             (signal.SIGINT, True, True)])
 def test_interrupt_with_workers_stops_everything_and_resume_finishes(big, tmp_path, sig, group, early):
     """Ctrl-C (to the whole process group, as a terminal sends it) or SIGTERM (to the parent), while the
     workers write shards or (early) while they are still starting."""
@@ -462,9 +468,15 @@ def test_interrupt_with_workers_stops_everything_and_resume_finishes(big, tmp_pa
         time.sleep(0.01)
     workers = _children(proc.pid)
     assert workers and not (dst / INDEX).exists()
+    state = _sigint_state(proc.pid)
     (os.killpg if group else os.kill)(proc.pid, sig)  # a terminal's Ctrl-C reaches the whole group
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=60)
+    if group and proc.returncode == 0:
+        # Seen in full-suite runs on a loaded machine since the overlapped pipeline (issue 17): the run went on
+        # to a complete, correct output. Not reproduced on an idle machine; the parent's SIGINT state at the
+        # signal is recorded here so the next occurrence says why.
+        pytest.xfail(f"Ctrl-C to the group was not acted on (exit 0); parent threads at the signal: {state}")
     assert time.monotonic() - t0 < 15
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "run the same command with --resume to continue" in " ".join(err.split())
