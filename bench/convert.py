@@ -44,6 +44,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from k2quant.formats import convert, shards, tiny
@@ -152,30 +153,54 @@ def shard_files(d: Path) -> list[Path]:
     return sorted(d.glob("*.safetensors"))
 
 
-def sequential_read(paths: list[Path], chunk: int = 16 << 20) -> tuple[int, float]:
-    """(bytes, seconds) to read every file front to back with large reads."""
-    buf = bytearray(chunk)
+def sequential_read(paths: list[Path], chunk: int = 64 << 20, direct: bool = False) -> tuple[int, float]:
+    """(bytes, seconds) to read every file front to back with large reads, through the page cache or around it
+    (O_DIRECT into an aligned buffer)."""
+    buf = shards.aligned_empty(chunk)
     view = memoryview(buf)
     total, t0 = 0, time.perf_counter()
     for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while n := f.readinto(view):
+        fd = os.open(p, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        try:
+            while n := os.readv(fd, [view]):
                 total += n
+        finally:
+            os.close(fd)
     return total, time.perf_counter() - t0
 
 
-def sequential_write(directory: Path, nbytes: int, chunk: int = 16 << 20) -> tuple[int, float]:
-    """(bytes, seconds) to write ``nbytes`` of fresh data to one file with large writes, then fsync."""
-    buf = os.urandom(chunk)
+def sequential_write(directory: Path, nbytes: int, chunk: int = 16 << 20, direct: bool = False) -> tuple[int, float]:
+    """(bytes, seconds) to write ``nbytes`` of fresh data to one file with large writes, then fsync (through the
+    page cache or, ``direct``, around it)."""
+    buf = shards.aligned_empty(chunk)
+    buf[:] = np.frombuffer(os.urandom(chunk), dtype=np.uint8)
     path = directory / "write-bound.tmp"
     t0 = time.perf_counter()
-    with open(path, "wb", buffering=0) as f:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0), 0o644)
+    try:
         for _ in range(max(1, nbytes // chunk)):
-            f.write(buf)
-        os.fsync(f.fileno())
+            os.write(fd, memoryview(buf))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     secs = time.perf_counter() - t0
     path.unlink()
     return max(1, nbytes // chunk) * chunk, secs
+
+
+def disk_bounds(src: list[Path], directory: Path, drop_caches: bool) -> dict:
+    """The disk's best sequential read of ``src`` (cold) and write speed, each the faster of the page-cache and
+    the O_DIRECT way (k2quant reads and writes big data around the page cache where it can)."""
+    out = {}
+    for direct in (False, True):
+        evict(src, drop_caches)
+        rb, rs = sequential_read(src, direct=direct)
+        wb, ws = sequential_write(directory, 1 << 30, direct=direct)
+        out["direct" if direct else "buffered"] = {"read_gb_s": rb / rs / 1e9, "write_gb_s": wb / ws / 1e9}
+    evict(src, drop_caches)
+    out["read_gb_s"] = max(v["read_gb_s"] for v in out.values())
+    out["write_gb_s"] = max(v["write_gb_s"] for v in out.values() if isinstance(v, dict))
+    return out
 
 
 # -- one conversion in a child process ---------------------------------------------------------------
@@ -226,6 +251,32 @@ def run_child(src: Path, dst: Path, target: str, workers: int, kernel: str | Non
         raise SystemExit(f"convert {src} -> {target} failed (exit {proc.returncode})")
     report = json.loads(out.strip().splitlines()[-1])
     return report | {"wall_s": wall, "peak_rss_tree": peak[0], "peak_rss_proc": max(peak[1], report["vm_hwm"])}
+
+
+def run_llmc(python: str, src: Path, dst: Path, threads: int) -> dict:
+    """llm-compressor's model_free_ptq on the same source, in its own venv's interpreter (bench/llmc_model_free.py):
+    whole-process wall seconds, the call's seconds, and the peak RSS of its process tree."""
+    cmd = [python, str(Path(__file__).with_name("llmc_model_free.py")), str(src), str(dst), "--threads", str(threads)]
+    peak, done = [0], threading.Event()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], tree_rss(proc.pid)[0])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out = proc.stdout.read()
+    proc.wait()
+    wall = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    shutil.rmtree(dst, ignore_errors=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"llm-compressor on {src} failed (exit {proc.returncode})")
+    return {"llmc_wall_s": wall, "llmc_call_s": json.loads(out.strip().splitlines()[-1])["model_free_ptq_s"],
+            "llmc_peak_rss": peak[0]}
 
 
 def child_main(spec: dict) -> None:
@@ -364,8 +415,15 @@ def render(rows: list[dict], disk: dict, meta: dict) -> None:
     console = Console(width=200)
     console.print(t)
     console.print("bounds measured right before each run: read GB/s = the same source shards read sequentially "
-                  "(16 MiB reads, after eviction); write GB/s = 1 GiB written sequentially + fsync; "
-                  "I/O bound = max(source bytes / read speed, output bytes / write speed)")
+                  "(64 MiB reads, after eviction); write GB/s = 1 GiB written sequentially + fsync; each the faster "
+                  "of the page cache and O_DIRECT; I/O bound = max(source bytes / read speed, output bytes / write "
+                  "speed)")
+    for r in rows:
+        if r.get("llmc_wall_s"):
+            console.print(f"{r['direction']}: llm-compressor model_free_ptq {r['llmc_wall_s']:.1f} s whole process "
+                          f"({r['llmc_call_s']:.1f} s in the call), peak RSS {r['llmc_peak_rss'] / GIB:.2f} GiB; "
+                          f"k2quant {r['wall_s']:.1f} s whole process: {r['x_llmc_wall']:.1f}x "
+                          f"({r['x_llmc']:.1f}x in the call)")
     console.print(f"cache eviction: {meta['eviction']}")
 
 
@@ -398,6 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path, help="write the results here too")
     ap.add_argument("--cold-arch", action="store_true",
                     help="a fresh K2QUANT_CACHE_DIR per run: each run builds the model description with transformers")
+    ap.add_argument("--llmc", metavar="PYTHON", help="the interpreter of a venv with llm-compressor (bench/README.md): "
+                    "also run its model_free_ptq on the same source for each ->int4 direction")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._child:
@@ -417,20 +477,17 @@ def main(argv: list[str] | None = None) -> None:
         for kernel in kernels:
             shutil.rmtree(out_dir, ignore_errors=True)
             # the disk moves (a shared virtual disk here): measure its bounds right before each run
-            evict(shard_files(dirs[src]), a.drop_caches)
-            rbytes, rsecs = sequential_read(shard_files(dirs[src]))
-            wbytes, wsecs = sequential_write(a.dir.parent, 1 << 30)
-            evict(shard_files(dirs[src]), a.drop_caches)
+            bounds = disk_bounds(shard_files(dirs[src]), a.dir.parent, a.drop_caches)
             if a.cold_arch:
                 os.environ["K2QUANT_CACHE_DIR"] = str(a.dir.parent / f"arch-cache-{time.time_ns()}")
             r = run_child(dirs[src], out_dir, dst, a.workers, kernel, a.threads, int(a.shard_gb * 1e9))
-            read_s, write_s = r["bytes_in"] * rsecs / rbytes, r["bytes_out"] * wsecs / wbytes
+            read_s, write_s = r["bytes_in"] / 1e9 / bounds["read_gb_s"], r["bytes_out"] / 1e9 / bounds["write_gb_s"]
             lib = rates[direction]["library"]
             mine = rates[direction].get("fast" if kernel in (None, "auto", "fast") else "reference")
             rows.append({"direction": direction, "kernel": kernel or "default", "elements": n,
                          "src_bytes": r["bytes_in"], "dst_bytes": r["bytes_out"], "wall_s": r["wall_s"],
-                         "convert_s": r["convert_s"], "read_gb_s": rbytes / rsecs / 1e9,
-                         "write_gb_s": wbytes / wsecs / 1e9,
+                         "convert_s": r["convert_s"], "read_gb_s": bounds["read_gb_s"],
+                         "write_gb_s": bounds["write_gb_s"], "bounds": bounds,
                          "melem_s": n / r["convert_s"] / 1e6, "src_gb_s": r["bytes_in"] / r["convert_s"] / 1e9,
                          "pct_disk_bound": 100 * read_s / r["convert_s"],
                          # the I/O bound: read the source and write the output, fully overlapped
@@ -440,6 +497,11 @@ def main(argv: list[str] | None = None) -> None:
                          "x_library_wall": None if lib is None else n / r["wall_s"] / lib,
                          "kernel_x_library": None if lib is None or mine is None else mine / lib,
                          "peak_rss_tree": r["peak_rss_tree"], "peak_rss_proc": r["peak_rss_proc"]})
+            if a.llmc and dst == "int4" and kernel in (None, "auto", "fast"):
+                evict(shard_files(dirs[src]), a.drop_caches)
+                llmc = run_llmc(a.llmc, dirs[src], out_dir.with_name("llmc-out"), a.threads)
+                rows[-1] |= llmc | {"x_llmc_wall": llmc["llmc_wall_s"] / r["wall_s"],
+                                    "x_llmc": llmc["llmc_call_s"] / r["convert_s"]}
             print(json.dumps(rows[-1]), file=sys.stderr)
     shutil.rmtree(out_dir, ignore_errors=True)
     meta = {"fixture_gb": disk["bf16"]["bytes"] / 1e9, "workers": a.workers, "threads": a.threads,

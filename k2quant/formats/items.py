@@ -138,7 +138,7 @@ def passthrough(item: Item, rd: Reader) -> Iterator[tuple[str, object]]:
             yield entry.name, rd.data[role]
         else:
             for off in range(0, info.nbytes, RAW_CHUNK):
-                yield entry.name, shards.read_bytes(info, off, min(RAW_CHUNK, info.nbytes - off))
+                yield entry.name, shards.read_view(info, off, min(RAW_CHUNK, info.nbytes - off))
 
 
 def pieces(item: Item, ctx: Ctx, data: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, object]]:
