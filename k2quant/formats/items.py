@@ -16,7 +16,8 @@ from k2quant.quant import dispatch, int4_group
 from k2quant.quant.scheme import QuantScheme
 
 CHUNK_ELEMS = 1 << 24  # elements per row chunk of a big tensor
-PREFETCH_BYTES = 256 << 20  # items up to this size are read whole, one item ahead
+PREFETCH_BYTES = 256 << 20  # items up to this size are read whole, ahead of the kernels
+READ_AHEAD_BYTES = 192 << 20  # the reader stays this far ahead (at least one item): ~6 K2 experts in BF16
 RAW_CHUNK = 64 << 20  # passthrough copies move this many bytes at a time
 
 

@@ -1,14 +1,15 @@
 """The shard pipeline: one output shard read, converted and written with reading, compute, writing and the
 fsync overlapped; and the threads a run may use.
 
-A reader thread reads the next item while the kernels convert the current one; a writer thread hashes and
-writes the pieces (handing each ``shards.WRITEBACK_BYTES`` to the disk), fsyncs the shard while the next one
-is computed, and renames it into place once released: in order, each after the previous one's record.
-Memory stays bounded: one item read ahead (at most ``items.PREFETCH_BYTES``), four queued pieces a shard,
-two shards in flight.
+A reader thread reads items ahead while the kernels convert the current one; a writer thread hashes and
+writes the pieces (``shards.ShardWriter``: around the page cache where it can), fsyncs the shard while the
+next one is computed, and renames it into place once released: in order, each after the previous one's
+record. Memory stays bounded: items read ahead up to ``items.READ_AHEAD_BYTES`` (one at least, each at most
+``items.PREFETCH_BYTES``), four queued pieces a shard, two shards in flight.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import contextlib
 import dataclasses
@@ -144,6 +145,34 @@ def _output_error(job: ShardJob, exc: OSError) -> OutputError:
     return OutputError(f"{job.path}: cannot write ({exc.strerror})")
 
 
+class _ReadAhead:
+    """The items' source tensors, read in order by one reader thread that keeps up to ``items.READ_AHEAD_BYTES``
+    (at least one item) read ahead of the consumer: the disk stays busy while the kernels work."""
+
+    def __init__(self, reader: cf.ThreadPoolExecutor, todo: tuple[Item, ...]):
+        self.reader, self.todo = reader, todo
+        self.queued: collections.deque[tuple[int, cf.Future]] = collections.deque()
+        self.held = self.pos = 0
+
+    def _fill(self) -> None:
+        while self.pos < len(self.todo):
+            it = self.todo[self.pos]
+            size = it.src_bytes if it.src_bytes <= items.PREFETCH_BYTES else 0  # bigger ones are read on demand
+            if self.queued and self.held + size > items.READ_AHEAD_BYTES:
+                return
+            self.queued.append((size, self.reader.submit(items.prefetch, it)))
+            self.held += size
+            self.pos += 1
+
+    def next(self) -> dict[str, torch.Tensor] | None:
+        self._fill()
+        size, fut = self.queued.popleft()
+        data = fut.result()
+        self.held -= size
+        self._fill()
+        return data
+
+
 def start_shard(job: ShardJob, progress: Progress | None = None) -> _Shard:
     """Read, convert and queue every piece of one shard (temp name); its writer thread writes and fsyncs it,
     and renames it once the returned shard is released."""
@@ -154,10 +183,9 @@ def start_shard(job: ShardJob, progress: Progress | None = None) -> _Shard:
     out = _AsyncWriter(writer)
     try:
         with cf.ThreadPoolExecutor(1, thread_name_prefix="k2q-read") as reader:
-            ahead = reader.submit(items.prefetch, job.items[0]) if job.items else None
-            for i, it in enumerate(job.items):
-                data = ahead.result()
-                ahead = reader.submit(items.prefetch, job.items[i + 1]) if i + 1 < len(job.items) else None
+            ahead = _ReadAhead(reader, job.items)
+            for it in job.items:
+                data = ahead.next()
                 for name, chunk in items.pieces(it, ctx, data):
                     out.put(name, chunk)
                 if progress:

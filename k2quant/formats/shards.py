@@ -233,12 +233,31 @@ def read_view(info: TensorInfo, offset: int = 0, n: int | None = None) -> memory
     return memoryview(read_bytes(info, offset, n))
 
 
+#: a big O_DIRECT read is split into pieces of this size, read concurrently so that the disk has several
+#: requests at once (one 29 MB read at a time measured 2.2 GB/s here; 4 MiB pieces, 4 at a time, 3.0 GB/s)
+READ_PIECE = 4 << 20
+READ_THREADS = 4
+_readers: list[cf.ThreadPoolExecutor] = []
+
+
+def _direct_piece(fd: int, view: memoryview, offset: int) -> int:
+    """Read ``view`` full from ``offset`` on, or up to the end of the file; the number of bytes read."""
+    got = 0
+    while got < len(view):
+        k = os.preadv(fd, [view[got:]], offset + got)
+        got += k
+        if k == 0 or k % DIRECT_ALIGN:  # a read that ends off a block boundary ended at the end of the file
+            break
+    return got
+
+
 def _read_direct(info: TensorInfo, pos: int, n: int) -> memoryview | None:
-    """Bytes ``pos:pos+n`` of the file with one O_DIRECT read of the aligned range around them; None where the
-    filesystem refuses O_DIRECT (the caller reads through the page cache)."""
+    """Bytes ``pos:pos+n`` of the file, read with O_DIRECT over the aligned range around them (in concurrent
+    pieces); None where the filesystem refuses O_DIRECT (the caller reads through the page cache)."""
     lo = pos - pos % DIRECT_ALIGN
     hi = -(-(pos + n) // DIRECT_ALIGN) * DIRECT_ALIGN
-    buf = aligned_empty(hi - lo)
+    view = memoryview(aligned_empty(hi - lo))
+    pieces = [(s, view[s:s + READ_PIECE]) for s in range(0, len(view), READ_PIECE)]
     try:
         fd = os.open(info.file, os.O_RDONLY | os.O_DIRECT)
     except OSError as exc:
@@ -246,25 +265,29 @@ def _read_direct(info: TensorInfo, pos: int, n: int) -> memoryview | None:
             return None
         raise
     try:
-        view, got = memoryview(buf), 0
-        while lo + got < pos + n:  # the aligned range may run past the end of the file: a short last read
-            try:
-                k = os.preadv(fd, [view[got:]], lo + got)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL and got == 0:
-                    return None
-                raise
-            if k == 0:
-                raise FormatError(f"{info.file}: tensor {info.name!r} is cut short (file truncated while "
-                                  f"reading); re-download or re-copy this file")
-            got += k
-            if k % DIRECT_ALIGN:  # a read that ends off a block boundary ended at the end of the file
-                break
-        if lo + got < pos + n:
-            raise FormatError(f"{info.file}: tensor {info.name!r} is cut short (file truncated while "
-                              f"reading); re-download or re-copy this file")
+        try:
+            got = [_direct_piece(fd, pieces[0][1], lo)]
+        except OSError as exc:  # some filesystems take the flag at open and refuse the read
+            if exc.errno == errno.EINVAL:
+                return None
+            raise
+        rest = pieces[1:]
+        if len(rest) > 1:
+            if not _readers:
+                _readers.append(cf.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="k2q-pread"))
+            got += _readers[0].map(lambda p: _direct_piece(fd, p[1], lo + p[0]), rest)
+        else:
+            got += [_direct_piece(fd, v, lo + s) for s, v in rest]
     finally:
         os.close(fd)
+    end = 0  # the data is whole up to the first piece that came back short
+    for (s, v), g in zip(pieces, got):
+        end = s + g
+        if g < len(v):
+            break
+    if lo + end < pos + n:
+        raise FormatError(f"{info.file}: tensor {info.name!r} is cut short (file truncated while "
+                          f"reading); re-download or re-copy this file")
     return view[pos - lo:pos - lo + n]
 
 

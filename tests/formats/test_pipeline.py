@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import threading
+import time
 
 import pytest
 import torch
@@ -100,6 +101,42 @@ def test_overlapped_pipeline_writes_the_sequential_bytes(tiny_dirs, tmp_path, mo
     manifest = json.loads(got[MANIFEST])
     for name, rec in manifest["shards"].items():  # the hash computed while writing is the file's
         assert rec["sha256"] == hashlib.sha256(got[name]).hexdigest()
+
+
+@pytest.mark.parametrize("budget", [0, 40_000, 10**9])
+def test_the_reader_stays_ahead_within_its_byte_budget(tiny_dirs, tmp_path, monkeypatch, budget):
+    """Items read ahead of the one being converted hold at most READ_AHEAD_BYTES (or are a single item); with
+    room, the reader gets several items ahead of a slow consumer; and the output is the same bytes."""
+    monkeypatch.setattr(items, "READ_AHEAD_BYTES", budget)
+    real_prefetch, real_pieces = items.prefetch, items.pieces
+    lock, held, peaks = threading.Lock(), {}, []
+
+    def prefetch(item):
+        data = real_prefetch(item)
+        with lock:
+            held[id(item)] = item.src_bytes
+            queued = list(held.values())[1:]  # the oldest is the item being converted (or about to be)
+            peaks.append((len(queued), 0 if len(queued) <= 1 else sum(queued)))
+        return data
+
+    def pieces(item, ctx, data=None):
+        time.sleep(0.002)  # a slow consumer: the reader runs ahead as far as it may
+        with lock:
+            held.pop(id(item), None)
+        yield from real_pieces(item, ctx, data)
+
+    monkeypatch.setattr(items, "prefetch", prefetch)
+    monkeypatch.setattr(items, "pieces", pieces)
+    convert.convert(tiny_dirs["bf16"], tmp_path / "o", "int4", qscheme.for_target("int4"), max_shard_size=SHARD)
+    most_items = max(n for n, _ in peaks)
+    assert max(extra for _, extra in peaks) <= budget
+    if budget == 0:
+        assert most_items == 1
+    if budget == 10**9:
+        assert most_items > 3
+    monkeypatch.undo()
+    convert.convert(tiny_dirs["bf16"], tmp_path / "ref", "int4", qscheme.for_target("int4"), max_shard_size=SHARD)
+    assert files(tmp_path / "o") == files(tmp_path / "ref")
 
 
 def assert_no_complete_output(out):
