@@ -1,9 +1,14 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# architecture descriptions cached by this session only (never the user's ~/.cache), child processes included
-os.environ.setdefault("K2QUANT_ARCH_CACHE", tempfile.mkdtemp(prefix="k2quant-cache-"))
+# architecture descriptions cached by this session only (never the user's ~/.cache), child processes included;
+# removed when the session ends (each run used to leave one directory behind in the temp dir)
+if "K2QUANT_ARCH_CACHE" not in os.environ:
+    os.environ["K2QUANT_ARCH_CACHE"] = tempfile.mkdtemp(prefix="k2quant-cache-")
+    atexit.register(shutil.rmtree, os.environ["K2QUANT_ARCH_CACHE"], ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -3,6 +3,7 @@ cannot be read that way, filesystems that refuse it, and failures in the helper 
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import struct
 import threading
@@ -135,7 +136,7 @@ def test_a_filesystem_that_refuses_o_direct_gets_buffered_io(tiny_dirs, tmp_path
     assert tree(tmp_path / "o") == tree(tmp_path / "ref")
 
 
-@pytest.mark.parametrize("fail_at", [1, 4])
+@pytest.mark.parametrize("fail_at", [1, 4, 40])
 def test_disk_full_in_the_direct_write_thread_is_one_error_and_nothing_looks_complete(tiny_dirs, tmp_path, monkeypatch,
                                                                                       small_stages, fail_at):
     if not direct_works(tmp_path):
@@ -154,7 +155,10 @@ def test_disk_full_in_the_direct_write_thread_is_one_error_and_nothing_looks_com
         convert.convert(tiny_dirs["bf16"], out, "int4", qscheme.for_target("int4"), max_shard_size=300_000)
     assert str(e.value).startswith(f"{out}: disk full while writing model-0000")
     assert all(t.startswith("k2q-direct") for t in calls)
-    assert not (out / INDEX).exists() and not list(out.glob("*.k2q-tmp")) and not list(out.glob("*.safetensors"))
+    assert not (out / INDEX).exists() and not list(out.glob("*.k2q-tmp"))
+    for p in out.glob("*.safetensors"):  # a shard finished before the failure stays, with its record (resume keeps it)
+        rec = json.loads((out / ".k2q-state" / f"{p.name}.json").read_text())
+        assert rec["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def test_the_last_block_is_padded_on_disk_and_truncated(tmp_path):
