@@ -1,6 +1,7 @@
 """Test helpers that read checkpoints with the safetensors library itself (not k2quant's reader)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -70,3 +71,9 @@ def qat_workdir(root: Path, parts: int) -> tuple[Path, Path]:
     src = tiny.build(root / "src", "bf16", seed=1)
     data.train_tokenizer([words_text(9, 3000)], 1024, src)
     return root, src
+
+
+def tree_digest(data: bytes, block: int = 8 << 20) -> str:
+    """A shard digest computed independently: sha256 of the concatenated sha256s of ``block``-byte blocks."""
+    return hashlib.sha256(b"".join(hashlib.sha256(data[i:i + block]).digest()
+                                   for i in range(0, len(data), block))).hexdigest()

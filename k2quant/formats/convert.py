@@ -4,7 +4,7 @@ Memory stays bounded whatever the model size: big tensors are read, converted an
 chunks of about ``items.CHUNK_ELEMS`` elements; each shard goes through ``pipeline`` (read ahead, convert,
 write behind, fsync overlapped with the next shard), with threads sized to the cores left free.
 
-Interrupted runs resume (``resume=True``): each finished shard leaves a record (its inputs, sha256,
+Interrupted runs resume (``resume=True``): each finished shard leaves a record (its inputs, digest,
 size) under ``.k2q-state/``; a resumed run keeps shards whose record and hash match and redoes the
 rest. Scale-out: rank ``r`` of ``world`` converts shards ``i % world == r``; rank 0 writes the
 manifest, config and index once every shard has its record.

@@ -1,7 +1,7 @@
 """The output directory of a conversion: safety checks, resume state, ranks, and the final files.
 
-Each finished shard leaves a record (its inputs, sha256, size) under ``.k2q-state/``; a resumed run keeps
-shards whose record and hash match. Rank 0 writes the manifest, carried files, config and, last, the index.
+Each finished shard leaves a record (its inputs, digest, size) under ``.k2q-state/``; a resumed run keeps
+shards whose record and digest match. Rank 0 writes the manifest, carried files, config and, last, the index.
 """
 from __future__ import annotations
 
@@ -225,10 +225,11 @@ RESUME_FIX = "pass --force instead of --resume to start over"
 
 def _record(rec: object, where: Path) -> dict:
     """A shard's completion record, checked field by field (it is read back from a shared directory)."""
-    ok = isinstance(rec, dict) and isinstance(rec.get("shard"), str) and isinstance(rec.get("sha256"), str) \
+    ok = isinstance(rec, dict) and isinstance(rec.get("shard"), str) and shards.record_digest(rec) is not None \
         and type(rec.get("bytes")) is int and isinstance(rec.get("inputs"), list)
     if not ok:
-        raise FormatError(f"{where}: corrupt shard record {rec!r:.120} (expected shard, sha256, bytes, inputs); "
+        raise FormatError(f"{where}: corrupt shard record {rec!r:.120} (expected shard, {shards.DIGEST_KEY}, bytes, "
+                          f"inputs); "
                           f"{RESUME_FIX}")
     return rec
 
@@ -277,7 +278,7 @@ def resume_state(dst: Path, settings: dict, plan: Plan) -> dict[str, dict]:
     for name in plan.shard_names:
         rec, path = records.get(name), dst / name
         if rec and path.is_file() and not path.is_symlink() and path.stat().st_size == rec["bytes"] \
-                and shards.sha256_file(path) == rec["sha256"]:
+                and shards.file_matches(path, rec):
             kept[name] = rec
     return kept
 
@@ -444,7 +445,8 @@ def finish(ckpt: Checkpoint, plan: Plan, dst: Path, settings: dict, kept: dict[s
     collect([f"{dst}: shard {n} has no completion record; run again with --resume" for n in missing], OutputError)
     files = [f for f in written_files(plan, ckpt, carried) if f not in plan.shard_names and f != MANIFEST]
     shards.write_json(dst / MANIFEST, {"settings": settings,
-                                       "shards": {n: {k: records[n][k] for k in ("inputs", "sha256", "bytes")}
+                                       "shards": {n: {k: records[n][k] for k in ("inputs", shards.DIGEST_KEY,
+                                                                                  "sha256", "bytes") if k in records[n]}
                                                   for n in plan.shard_names},
                                        "files": files})
     _copy_other_files(ckpt, dst, carried)

@@ -95,7 +95,7 @@ class _AsyncWriter:
         self.released.set()
 
     def result(self) -> str:
-        """Wait for the thread; the sha256 of the committed file, or the thread's error (the file removed)."""
+        """Wait for the thread; the digest of the committed file, or the thread's error (the file removed)."""
         self.thread.join()
         if self.error:
             raise self.error
@@ -120,7 +120,7 @@ class _Shard:
         except OSError as exc:
             raise _output_error(job, exc) from None
         inputs = sorted({info.file.name for it in job.items for _, info in it.sources})
-        return {"shard": job.path.name, "inputs": inputs, "sha256": sha, "bytes": job.path.stat().st_size,
+        return {"shard": job.path.name, "inputs": inputs, shards.DIGEST_KEY: sha, "bytes": job.path.stat().st_size,
                 "tensors": sum(len(it.entries) for it in job.items), "items": len(job.items),
                 "source_bytes": sum(it.src_bytes for it in job.items)}
 
@@ -202,7 +202,7 @@ def start_shard(job: ShardJob, progress: Progress | None = None) -> _Shard:
 
 
 def run_shard(job: ShardJob, progress: Progress | None = None) -> dict:
-    """Write one output shard (temp name, then rename). Returns its record (inputs, sha256, bytes)."""
+    """Write one output shard (temp name, then rename). Returns its record (inputs, digest, bytes)."""
     shard = start_shard(job, progress)
     shard.release()
     return shard.record()

@@ -8,7 +8,7 @@ Streams both checkpoints item by item (row chunks for big tensors), like convert
 - dequantized DST values against the SRC values: exact where nothing was quantized; INT4 within half a
   step of its group's scale (plus the bf16 roundings the format defines); FP8 within E4M3 rounding of
   the tile scale; stored codes identical where the format did not change;
-- index ``total_size`` and the manifest's sha256 of every shard.
+- index ``total_size`` and the manifest's digest of every shard.
 """
 from __future__ import annotations
 
@@ -175,13 +175,14 @@ def _check_manifest(d_ck: Checkpoint, problems: _Problems, stats: dict) -> None:
             problems.add(path, "", f"lists {name!r}, which is not one of this checkpoint's shard files "
                          f"({len(own)} in its index); the manifest does not belong to these shards: re-run the conversion")
             continue
-        sha = rec.get("sha256") if isinstance(rec, dict) else None
-        if not isinstance(sha, str):
-            problems.add(path, "", f"entry {name!r} has no sha256 string; re-run the conversion")
+        digest = shards.record_digest(rec) if isinstance(rec, dict) else None
+        if digest is None:
+            problems.add(path, "", f"entry {name!r} has no {shards.DIGEST_KEY} (or sha256) string; re-run the conversion")
             continue
         stats["shards_hashed"] += 1
-        if shards.sha256_file(own[name]) != sha:
-            problems.add(own[name], "", f"sha256 differs from the manifest ({sha[:16]}...): the file changed after "
+        if not shards.file_matches(own[name], rec):
+            key, value = digest
+            problems.add(own[name], "", f"{key} differs from the manifest ({value[:16]}...): the file changed after "
                          f"conversion (corruption or a flipped byte); re-run the conversion")
     for name in sorted(set(own) - set(recs)):
         problems.add(own[name], "", "not in the manifest: the shard was not written by the run the manifest records")

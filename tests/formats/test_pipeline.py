@@ -1,7 +1,6 @@
 """The conversion pipeline around the kernels: special values refused in one pass, overlapped reads and
 writes that give the sequential run's bytes, and failures in the reader or writer thread."""
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import tree_digest
 from k2quant.errors import FormatError, OutputError
 from k2quant.formats import convert, items, pipeline, shards
 from k2quant.formats.checkpoint import INDEX, MANIFEST
@@ -99,8 +99,8 @@ def test_overlapped_pipeline_writes_the_sequential_bytes(tiny_dirs, tmp_path, mo
     assert sum(n.endswith(".safetensors") for n in got) >= 3
     assert got == want
     manifest = json.loads(got[MANIFEST])
-    for name, rec in manifest["shards"].items():  # the hash computed while writing is the file's
-        assert rec["sha256"] == hashlib.sha256(got[name]).hexdigest()
+    for name, rec in manifest["shards"].items():  # the digest computed while writing is the file's
+        assert rec["sha256_tree"] == tree_digest(got[name])
 
 
 @pytest.mark.parametrize("budget", [0, 40_000, 10**9])
@@ -146,7 +146,7 @@ def assert_no_complete_output(out):
     state = out / ".k2q-state"
     for p in out.glob("*.safetensors"):
         rec = json.loads((state / f"{p.name}.json").read_text())
-        assert rec["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+        assert rec["sha256_tree"] == tree_digest(p.read_bytes())
 
 
 @pytest.mark.parametrize("fail_at", [1, 4, 9])

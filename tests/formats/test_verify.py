@@ -1,4 +1,5 @@
 """k2quant verify: passes on real conversions, and names the file and tensor of every planted fault."""
+import hashlib
 import json
 import shutil
 
@@ -66,8 +67,29 @@ def test_flipped_byte_is_caught_by_hash_and_value(tiny_dirs, outputs, tmp_path):
     f.write_bytes(bytes(raw))
     code, rep = run_cli(tiny_dirs["bf16"], dst)
     assert code == 1 and not rep["ok"]
-    hashes = [p for p in rep["problems"] if "sha256 differs from the manifest" in p["problem"]]
+    hashes = [p for p in rep["problems"] if "sha256_tree differs from the manifest" in p["problem"]]
     assert hashes and hashes[0]["file"].endswith(f.name)
+
+
+def test_a_manifest_of_an_earlier_version_with_plain_sha256_is_still_checked(tiny_dirs, outputs, tmp_path):
+    """Manifests written before the block digest hold "sha256" (of the whole file): verify checks that one."""
+    dst = tmp_path / "o"
+    shutil.copytree(outputs[("bf16", "int4")], dst)
+    man_path = dst / "k2quant_manifest.json"
+    man = json.loads(man_path.read_text())
+    for name, rec in man["shards"].items():
+        del rec["sha256_tree"]
+        rec["sha256"] = hashlib.sha256((dst / name).read_bytes()).hexdigest()
+    man_path.write_text(json.dumps(man))
+    code, rep = run_cli(tiny_dirs["bf16"], dst)
+    assert code == 0 and rep["ok"], rep["problems"]
+    f = next(dst.glob("*.safetensors"))
+    raw = bytearray(f.read_bytes())
+    raw[-5000] ^= 0x10
+    f.write_bytes(bytes(raw))
+    code, rep = run_cli(tiny_dirs["bf16"], dst)
+    assert code == 1 and any("sha256 differs from the manifest" in p["problem"] and p["file"].endswith(f.name)
+                             for p in rep["problems"])
 
 
 def test_missing_tensor(tiny_dirs, outputs, tmp_path):
