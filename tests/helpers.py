@@ -1,11 +1,11 @@
 """Test helpers that read checkpoints with the safetensors library itself (not k2quant's reader)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
 
+import blake3
 import torch
 from safetensors.torch import load_file
 
@@ -73,7 +73,6 @@ def qat_workdir(root: Path, parts: int) -> tuple[Path, Path]:
     return root, src
 
 
-def tree_digest(data: bytes, block: int = 8 << 20) -> str:
-    """A shard digest computed independently: sha256 of the concatenated sha256s of ``block``-byte blocks."""
-    return hashlib.sha256(b"".join(hashlib.sha256(data[i:i + block]).digest()
-                                   for i in range(0, len(data), block))).hexdigest()
+def b3(data: bytes) -> str:
+    """A shard's digest computed directly: BLAKE3 of the whole file's bytes (what ``b3sum`` prints)."""
+    return blake3.blake3(data).hexdigest()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import tree_digest
+from helpers import b3
 from k2quant.errors import FormatError, OutputError
 from k2quant.formats import convert, shards
 from k2quant.formats.checkpoint import INDEX
@@ -32,8 +32,7 @@ def direct_works(d):
 
 @pytest.fixture
 def small_stages(monkeypatch):
-    """Digest blocks (and so staging buffers) of 8 KiB: a few hundred KB of output crosses many of them and the
-    ring of buffers wraps."""
+    """Staging buffers of 8 KiB: a few hundred KB of output crosses many of them and the ring wraps."""
     monkeypatch.setattr(shards, "DIGEST_BLOCK", 8192)
 
 
@@ -66,9 +65,9 @@ def test_direct_and_buffered_writes_give_the_same_file_and_hash(tmp_path, reques
     assert wb.direct is None
     data = (tmp_path / "d.safetensors").read_bytes()
     assert data == (tmp_path / "b.safetensors").read_bytes()
-    want = tree_digest(data, shards.DIGEST_BLOCK)
+    want = b3(data)
     assert sha_d == sha_b == want == shards.digest_file(tmp_path / "d.safetensors")
-    assert (len(data) > shards.DIGEST_BLOCK) == (stages == "small")  # several blocks, or one
+    assert (len(data) > shards.DIGEST_BLOCK) == (stages == "small")  # several staging buffers, or one
     got = load_file(str(tmp_path / "d.safetensors"))  # the real library reads it (the last block was truncated)
     assert all(torch.equal(got[n], t) for n, t in TENSORS.items())
     assert not list(tmp_path.glob("*.k2q-tmp"))
@@ -162,7 +161,7 @@ def test_disk_full_in_the_direct_write_thread_is_one_error_and_nothing_looks_com
     assert not (out / INDEX).exists() and not list(out.glob("*.k2q-tmp"))
     for p in out.glob("*.safetensors"):  # a shard finished before the failure stays, with its record (resume keeps it)
         rec = json.loads((out / ".k2q-state" / f"{p.name}.json").read_text())
-        assert rec["sha256_tree"] == tree_digest(p.read_bytes(), shards.DIGEST_BLOCK)
+        assert rec["blake3"] == b3(p.read_bytes())
 
 
 def test_the_last_block_is_padded_on_disk_and_truncated(tmp_path):
@@ -174,14 +173,15 @@ def test_the_last_block_is_padded_on_disk_and_truncated(tmp_path):
     assert len(data) % shards.DIRECT_ALIGN  # this file's length is not a multiple of the block
 
 
-def test_a_record_matches_by_block_digest_or_by_an_earlier_versions_plain_sha256(tmp_path, small_stages):
-    """Resume and verify read records of both kinds; a changed byte fails both, and a record with neither fails."""
+def test_a_record_matches_by_blake3_or_by_an_earlier_versions_sha256(tmp_path, small_stages):
+    """Resume and verify read records of both kinds (BLAKE3, and an earlier version's sha256); a changed byte
+    fails both, and a record with neither fails."""
     path = tmp_path / "x.safetensors"
     write(path, direct=True)
     data = path.read_bytes()
-    new = {"sha256_tree": tree_digest(data, shards.DIGEST_BLOCK)}
+    new = {"blake3": b3(data)}
     old = {"sha256": hashlib.sha256(data).hexdigest()}
     assert shards.file_matches(path, new) and shards.file_matches(path, old)
-    assert not shards.file_matches(path, {"sha256_tree": old["sha256"]}) and not shards.file_matches(path, {})
+    assert not shards.file_matches(path, {"blake3": old["sha256"]}) and not shards.file_matches(path, {})
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     assert not shards.file_matches(path, new) and not shards.file_matches(path, old)

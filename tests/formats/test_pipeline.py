@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import tree_digest
+from helpers import b3
 from k2quant.errors import FormatError, OutputError
 from k2quant.formats import convert, items, pipeline, shards
 from k2quant.formats.checkpoint import INDEX, MANIFEST
@@ -100,7 +100,7 @@ def test_overlapped_pipeline_writes_the_sequential_bytes(tiny_dirs, tmp_path, mo
     assert got == want
     manifest = json.loads(got[MANIFEST])
     for name, rec in manifest["shards"].items():  # the digest computed while writing is the file's
-        assert rec["sha256_tree"] == tree_digest(got[name])
+        assert rec["blake3"] == b3(got[name])
 
 
 @pytest.mark.parametrize("budget", [0, 40_000, 10**9])
@@ -146,7 +146,7 @@ def assert_no_complete_output(out):
     state = out / ".k2q-state"
     for p in out.glob("*.safetensors"):
         rec = json.loads((state / f"{p.name}.json").read_text())
-        assert rec["sha256_tree"] == tree_digest(p.read_bytes())
+        assert rec["blake3"] == b3(p.read_bytes())
 
 
 @pytest.mark.parametrize("fail_at", [1, 4, 9])

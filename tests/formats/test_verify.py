@@ -67,18 +67,18 @@ def test_flipped_byte_is_caught_by_hash_and_value(tiny_dirs, outputs, tmp_path):
     f.write_bytes(bytes(raw))
     code, rep = run_cli(tiny_dirs["bf16"], dst)
     assert code == 1 and not rep["ok"]
-    hashes = [p for p in rep["problems"] if "sha256_tree differs from the manifest" in p["problem"]]
+    hashes = [p for p in rep["problems"] if "blake3 differs from the manifest" in p["problem"]]
     assert hashes and hashes[0]["file"].endswith(f.name)
 
 
 def test_a_manifest_of_an_earlier_version_with_plain_sha256_is_still_checked(tiny_dirs, outputs, tmp_path):
-    """Manifests written before the block digest hold "sha256" (of the whole file): verify checks that one."""
+    """Manifests of earlier k2quant versions hold "sha256" (of the whole file): verify checks that one."""
     dst = tmp_path / "o"
     shutil.copytree(outputs[("bf16", "int4")], dst)
     man_path = dst / "k2quant_manifest.json"
     man = json.loads(man_path.read_text())
     for name, rec in man["shards"].items():
-        del rec["sha256_tree"]
+        del rec["blake3"]
         rec["sha256"] = hashlib.sha256((dst / name).read_bytes()).hexdigest()
     man_path.write_text(json.dumps(man))
     code, rep = run_cli(tiny_dirs["bf16"], dst)
