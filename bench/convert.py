@@ -31,8 +31,6 @@ bound end to end; peak RSS <= 2 GiB.
 from __future__ import annotations
 
 import argparse
-import atexit
-import gc
 import inspect
 import json
 import os
@@ -311,7 +309,6 @@ def run_llmc(python: str, src: Path, dst: Path, threads: int) -> dict:
 
 
 def child_main(spec: dict) -> None:
-    atexit.register(gc.freeze)  # as the k2quant command line does (k2quant/cli/main.py): a quicker exit
     torch.set_num_threads(spec["threads"])
     scheme = qscheme.for_target(spec["target"])
     t0 = time.perf_counter()
@@ -319,6 +316,8 @@ def child_main(spec: dict) -> None:
                              force=True, max_shard_size=spec["max_shard_size"], **kernel_kwargs(spec["kernel"]))
     hwm = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
     print(json.dumps(report.to_json() | {"convert_s": time.perf_counter() - t0, "vm_hwm": int(hwm.split()[1]) * 1024}))
+    sys.stdout.flush()
+    os._exit(0)  # as the k2quant command line ends a conversion (k2quant/cli/main.py: run): no teardown
 
 
 # -- library and kernel rates on sampled expert tensors ----------------------------------------------

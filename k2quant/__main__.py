@@ -1,3 +1,3 @@
-from k2quant.cli import main
+from k2quant.cli.main import run
 
-main()
+run()

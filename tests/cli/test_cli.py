@@ -58,3 +58,27 @@ def test_int4_options_refused_for_other_targets(tiny_dirs, tmp_path):
 
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("1000") == 1000
+
+
+def test_the_console_entry_point_quick_exit_loses_nothing(tiny_dirs, tmp_path):
+    """``python -m k2quant`` ends convert/verify without the interpreter's teardown (``cli.main.run``): what
+    they print to a file or a pipe is all there, the output is complete, and the exit code is the command's;
+    a command outside the quick list exits through the interpreter as before."""
+    import subprocess
+    import sys
+
+    k2q = [sys.executable, "-m", "k2quant"]
+    with open(tmp_path / "out.json", "w") as fh:  # a file: stdout is block-buffered
+        res = subprocess.run([*k2q, "convert", str(tiny_dirs["fp8"]), str(tmp_path / "o"), "--to", "int4",
+                              "--json", "-"], stdout=fh, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["target"] == "int4" and report["tensors_out"] == len(Checkpoint(tmp_path / "o").tensors)
+    res = subprocess.run([*k2q, "verify", str(tiny_dirs["fp8"]), str(tmp_path / "o")], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip(), res.stderr
+    res = subprocess.run([*k2q, "convert", str(tmp_path / "missing"), str(tmp_path / "o2"), "--to", "int4"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "no such checkpoint directory" in res.stderr
+    res = subprocess.run([*k2q, "qat", "--help"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "Usage:" in res.stdout
