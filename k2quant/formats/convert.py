@@ -96,8 +96,7 @@ def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme |
         finally:
             records.close()
         output.verify_headers(plan, dst, [j.path.name for j in jobs])
-        group.barrier(lambda: all((state / f"{n}.json").exists() or n in kept for n in plan.shard_names),
-                      f"every rank's shard records in {state}")
+        group.barrier(lambda: output.all_recorded(dst, plan, kept, group.rank), f"every rank's shard records in {state}")
         if group.rank == 0:
             output.finish(ckpt, plan, dst, settings, kept, carried)
     finally:

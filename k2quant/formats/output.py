@@ -414,6 +414,18 @@ class Group:
             time.sleep(0.2 if waited < 5 else 0.5)
 
 
+def all_recorded(dst: Path, plan: Plan, kept: dict[str, dict], rank: int) -> bool:
+    """Whether every shard of the run has its record (or was kept), so rank 0 may finish the output.
+
+    A rank other than 0 is also done once rank 0 has finished: the index is written, and rank 0 then removes
+    the records. Without that, a rank that looked just before rank 0 saw the last record, and again after it
+    removed them all, waited out its whole --wait-timeout (seen: a rank hung in the test suite)."""
+    state = dst / STATE_DIR
+    if all((state / f"{n}.json").exists() or n in kept for n in plan.shard_names):
+        return True
+    return rank != 0 and (dst / INDEX).is_file() and not state.exists()
+
+
 def check_joined_run(dst: Path, run: dict) -> None:
     """A rank joining rank 0's run must have the same settings and world size, or shards would mix schemes."""
     where = dst / STATE_DIR / "run.json"
