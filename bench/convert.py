@@ -167,11 +167,17 @@ def sequential_read(paths: list[Path], chunk: int = 64 << 20, direct: bool = Fal
     return total, time.perf_counter() - t0
 
 
+def random_buffer(nbytes: int) -> np.ndarray:
+    """Fresh random bytes in an aligned buffer (O_DIRECT writes need one; random: nothing compresses them)."""
+    buf = shards.aligned_empty(nbytes)
+    buf[:] = np.frombuffer(os.urandom(nbytes), dtype=np.uint8)
+    return buf
+
+
 def sequential_write(directory: Path, nbytes: int, chunk: int = 16 << 20, direct: bool = False) -> tuple[int, float]:
     """(bytes, seconds) to write ``nbytes`` of fresh data to one file with large writes, then fsync (through the
     page cache or, ``direct``, around it)."""
-    buf = shards.aligned_empty(chunk)
-    buf[:] = np.frombuffer(os.urandom(chunk), dtype=np.uint8)
+    buf = random_buffer(chunk)
     path = directory / "write-bound.tmp"
     t0 = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0), 0o644)
@@ -190,8 +196,7 @@ def read_while_writing(src: list[Path], directory: Path, chunk: int = 16 << 20) 
     """(bytes read + written, seconds) with ``src`` read front to back (O_DIRECT) while another thread writes
     (O_DIRECT) for exactly as long: what the disk gives when a conversion does both at once."""
     done, written = threading.Event(), [0]
-    buf = shards.aligned_empty(chunk)
-    buf[:] = np.frombuffer(os.urandom(chunk), dtype=np.uint8)
+    buf = random_buffer(chunk)
     path = directory / "write-bound.tmp"
 
     def write() -> None:

@@ -229,8 +229,7 @@ def _record(rec: object, where: Path) -> dict:
         and type(rec.get("bytes")) is int and isinstance(rec.get("inputs"), list)
     if not ok:
         raise FormatError(f"{where}: corrupt shard record {rec!r:.120} (expected shard, {shards.DIGEST_KEY}, bytes, "
-                          f"inputs); "
-                          f"{RESUME_FIX}")
+                          f"inputs); {RESUME_FIX}")
     return rec
 
 

@@ -53,7 +53,7 @@ class _AsyncWriter:
     def __init__(self, writer: shards.ShardWriter, depth: int = 4):
         self.writer, self.q = writer, queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self.sha: str | None = None
+        self.digest: str | None = None
         self.released, self.commit = threading.Event(), False
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"k2q-write {writer.path.name}")
         self.thread.start()
@@ -74,7 +74,7 @@ class _AsyncWriter:
                 self.writer.sync()  # the fsync, before the release: it overlaps the next shard's compute
             self.released.wait()
             if self.commit and self.error is None:
-                self.sha = self.writer.commit()
+                self.digest = self.writer.commit()
                 return
         except BaseException as exc:
             self.error = self.error or exc
@@ -99,8 +99,8 @@ class _AsyncWriter:
         self.thread.join()
         if self.error:
             raise self.error
-        assert self.sha is not None
-        return self.sha
+        assert self.digest is not None
+        return self.digest
 
 
 class _Shard:
@@ -116,11 +116,11 @@ class _Shard:
     def record(self) -> dict:
         job = self.job
         try:
-            sha = self.out.result()
+            digest = self.out.result()
         except OSError as exc:
             raise _output_error(job, exc) from None
         inputs = sorted({info.file.name for it in job.items for _, info in it.sources})
-        return {"shard": job.path.name, "inputs": inputs, shards.DIGEST_KEY: sha, "bytes": job.path.stat().st_size,
+        return {"shard": job.path.name, "inputs": inputs, shards.DIGEST_KEY: digest, "bytes": job.path.stat().st_size,
                 "tensors": sum(len(it.entries) for it in job.items), "items": len(job.items),
                 "source_bytes": sum(it.src_bytes for it in job.items)}
 

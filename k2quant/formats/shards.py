@@ -207,13 +207,17 @@ def read_bytes(info: TensorInfo, offset: int = 0, n: int | None = None) -> bytea
     return buf
 
 
+def _cut_short(info: TensorInfo) -> FormatError:
+    return FormatError(f"{info.file}: tensor {info.name!r} is cut short (file truncated while reading); "
+                       f"re-download or re-copy this file")
+
+
 def _pread_all(fd: int, view: memoryview, pos: int, info: TensorInfo) -> None:
     got = 0
     while got < len(view):
         k = os.preadv(fd, [view[got:]], pos + got)
         if k == 0:
-            raise FormatError(f"{info.file}: tensor {info.name!r} is cut short (file truncated while "
-                              f"reading); re-download or re-copy this file")
+            raise _cut_short(info)
         got += k
 
 
@@ -287,8 +291,7 @@ def _read_direct(info: TensorInfo, pos: int, n: int) -> memoryview | None:
         if g < len(v):
             break
     if lo + end < pos + n:
-        raise FormatError(f"{info.file}: tensor {info.name!r} is cut short (file truncated while "
-                          f"reading); re-download or re-copy this file")
+        raise _cut_short(info)
     return view[pos - lo:pos - lo + n]
 
 
@@ -343,6 +346,7 @@ def header_bytes(entries: list[Entry], metadata: dict[str, str] | None = None) -
 #: commit waits for the tail only (without it the whole shard stays dirty in the page cache until the fsync)
 WRITEBACK_BYTES = 64 << 20
 
+STAGE_BYTES = 8 << 20  # one staging buffer of the direct writer (hashed, then written, whole)
 STAGES = 3  # staging buffers per open file: one filling, the others being hashed and written
 
 #: A shard's digest (manifest, resume records, verify): BLAKE3 of the whole file, as ``b3sum`` prints it.
@@ -350,8 +354,7 @@ STAGES = 3  # staging buffers per open file: one filling, the others being hashe
 #: biggest CPU cost of every conversion writing BF16 (sha256 of 6.1 GB: 3.6 CPU-seconds of ~10). Manifests of
 #: earlier k2quant versions hold a "sha256" per shard, which verify and resume still check.
 DIGEST_KEY = "blake3"
-DIGEST_BLOCK = 8 << 20  # the direct writer's staging buffer (each is hashed, then written, whole)
-HASH_CHUNK = 16 << 20  # digest_file reads this much at a time (each update hashes it on every core)
+HASH_CHUNK = 16 << 20  # files are read and hashed this much at a time (BLAKE3 hashes each on every core)
 
 
 def new_digest():
@@ -360,13 +363,7 @@ def new_digest():
 
 def digest_file(path: Path) -> str:
     """The shard digest of a file (read, not mapped: a file truncated under a mapping would crash the process)."""
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    with open(path, "rb", buffering=0) as fh:
-        buf = bytearray(HASH_CHUNK)
-        view = memoryview(buf)
-        while n := fh.readinto(view):
-            h.update(view[:n])
-    return h.hexdigest()
+    return _hash_file(path, blake3.blake3(max_threads=blake3.blake3.AUTO))
 
 
 def record_digest(rec: dict) -> tuple[str, str] | None:
@@ -400,7 +397,7 @@ class _DirectFile:
 
     def __init__(self, fd: int, digest):
         self.fd, self.digest, self.size = fd, digest, 0
-        self.bufs = [aligned_empty(DIGEST_BLOCK) for _ in range(STAGES)]
+        self.bufs = [aligned_empty(STAGE_BYTES) for _ in range(STAGES)]
         self.pending: list[tuple[cf.Future, cf.Future] | None] = [None] * STAGES
         self.cur, self.fill = 0, 0
         self.hasher = cf.ThreadPoolExecutor(1, thread_name_prefix="k2q-hash")  # one thread: updates in order
@@ -410,12 +407,12 @@ class _DirectFile:
         src = np.frombuffer(data, dtype=np.uint8)
         pos = 0
         while pos < len(src):
-            n = min(len(src) - pos, DIGEST_BLOCK - self.fill)
+            n = min(len(src) - pos, STAGE_BYTES - self.fill)
             self.bufs[self.cur][self.fill:self.fill + n] = src[pos:pos + n]
             self.fill += n
             pos += n
-            if self.fill == DIGEST_BLOCK:
-                self._submit(DIGEST_BLOCK, DIGEST_BLOCK)
+            if self.fill == STAGE_BYTES:
+                self._submit(STAGE_BYTES, STAGE_BYTES)
 
     def _submit(self, nbytes: int, data_bytes: int) -> None:
         """Hash the current buffer's first ``data_bytes`` and write its first ``nbytes`` (aligned)."""
@@ -570,11 +567,16 @@ def create_fresh(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
+def sha256_file(path: Path) -> str:
+    return _hash_file(path, hashlib.sha256())
+
+
+def _hash_file(path: Path, h) -> str:
+    """``h`` (a hashlib or blake3 object) over the whole file, read ``HASH_CHUNK`` at a time; its hex digest."""
+    view = memoryview(bytearray(HASH_CHUNK))
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(view):
+            h.update(view[:n])
     return h.hexdigest()
 
 

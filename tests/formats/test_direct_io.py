@@ -33,7 +33,7 @@ def direct_works(d):
 @pytest.fixture
 def small_stages(monkeypatch):
     """Staging buffers of 8 KiB: a few hundred KB of output crosses many of them and the ring wraps."""
-    monkeypatch.setattr(shards, "DIGEST_BLOCK", 8192)
+    monkeypatch.setattr(shards, "STAGE_BYTES", 8192)
 
 
 def tree(d):
@@ -67,7 +67,7 @@ def test_direct_and_buffered_writes_give_the_same_file_and_hash(tmp_path, reques
     assert data == (tmp_path / "b.safetensors").read_bytes()
     want = b3(data)
     assert sha_d == sha_b == want == shards.digest_file(tmp_path / "d.safetensors")
-    assert (len(data) > shards.DIGEST_BLOCK) == (stages == "small")  # several staging buffers, or one
+    assert (len(data) > shards.STAGE_BYTES) == (stages == "small")  # several staging buffers, or one
     got = load_file(str(tmp_path / "d.safetensors"))  # the real library reads it (the last block was truncated)
     assert all(torch.equal(got[n], t) for n, t in TENSORS.items())
     assert not list(tmp_path.glob("*.k2q-tmp"))
