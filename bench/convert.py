@@ -36,6 +36,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -435,13 +436,13 @@ def render(rows: list[dict], disk: dict, meta: dict) -> None:
 
     t = Table(title=f"k2quant convert, {meta['fixture_gb']:.2f} GB BF16 fixture, workers={meta['workers']}, "
                     f"threads={meta['threads']}")
-    for col in ("direction", "kernel", "Melem/s", "src GB/s", "read GB/s", "write GB/s", "r+w GB/s", "% disk bound",
+    for col in ("direction", "kernel", "run", "Melem/s", "src GB/s", "read GB/s", "write GB/s", "r+w GB/s", "% disk bound",
                 "% I/O bound", "x library", "x lib wall", "kernel x library",
                 "peak RSS tree", "peak RSS proc", "convert s", "wall s"):
         t.add_column(col, justify="right")
     for r in rows:
         fmt = lambda x, f: "n/a" if x is None else f.format(x)  # noqa: E731
-        t.add_row(r["direction"], r["kernel"], fmt(r["melem_s"], "{:.0f}"), fmt(r["src_gb_s"], "{:.2f}"),
+        t.add_row(r["direction"], r["kernel"], str(r.get("rep", 0) + 1), fmt(r["melem_s"], "{:.0f}"), fmt(r["src_gb_s"], "{:.2f}"),
                   fmt(r["read_gb_s"], "{:.2f}"), fmt(r["write_gb_s"], "{:.2f}"), fmt(r.get("rw_gb_s"), "{:.2f}"),
                   fmt(r["pct_disk_bound"], "{:.0f}%"), fmt(r["pct_io_bound"], "{:.0f}%"), fmt(r["x_library"], "{:.1f}x"),
                   fmt(r["x_library_wall"], "{:.1f}x"),
@@ -460,7 +461,34 @@ def render(rows: list[dict], disk: dict, meta: dict) -> None:
                           f"({r['llmc_call_s']:.1f} s in the call), peak RSS {r['llmc_peak_rss'] / GIB:.2f} GiB; "
                           f"k2quant {r['wall_s']:.1f} s whole process: {r['x_llmc_wall']:.1f}x "
                           f"({r['x_llmc']:.1f}x in the call)")
+    summary(rows, console)
     console.print(f"cache eviction: {meta['eviction']}")
+
+
+def summary(rows: list[dict], console) -> None:
+    """Median and range over the repeats of each direction and kernel (``--repeat``)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["direction"], r["kernel"]), []).append(r)
+    if all(len(g) < 2 for g in groups.values()):
+        return
+    console.print("over the repeats, median [min-max]:", markup=False)
+    for (direction, kernel), g in groups.items():
+        def stat(key: str, fmt: str) -> str:
+            v = sorted(x[key] for x in g if x.get(key) is not None)
+            if not v:
+                return "n/a"
+            return f"{fmt.format(statistics.median(v))} [{fmt.format(v[0])}-{fmt.format(v[-1])}]"
+        line = (f"  {direction} {kernel} x{len(g)}: wall {stat('wall_s', '{:.1f}')} s, in the call "
+                f"{stat('convert_s', '{:.1f}')} s, % I/O bound {stat('pct_io_bound', '{:.0f}')}, x library "
+                f"{stat('x_library', '{:.1f}')}, x lib wall {stat('x_library_wall', '{:.1f}')}")
+        llmc = next((x for x in g if x.get("llmc_wall_s")), None)
+        if llmc:
+            walls = sorted(x["wall_s"] for x in g)
+            line += (f"; llm-compressor {llmc['llmc_wall_s']:.1f} s whole process over k2quant's median "
+                     f"{statistics.median(walls):.1f} s: {llmc['llmc_wall_s'] / statistics.median(walls):.1f}x "
+                     f"[{llmc['llmc_wall_s'] / walls[-1]:.1f}-{llmc['llmc_wall_s'] / walls[0]:.1f}x]")
+        console.print(line, markup=False)
 
 
 def elements(d: Path) -> int:
@@ -494,6 +522,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="a fresh K2QUANT_CACHE_DIR per run: each run builds the model description with transformers")
     ap.add_argument("--llmc", metavar="PYTHON", help="the interpreter of a venv with llm-compressor (bench/README.md): "
                     "also run its model_free_ptq on the same source for each ->int4 direction")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per direction (each after its own bound measurement); the summary gives the median "
+                         "and range: on a disk whose speed moves, one run says little")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._child:
@@ -510,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     for direction in a.directions.split(","):
         src, dst = direction.split("->")
         n = elements(dirs[src])
-        for kernel in kernels:
+        for kernel, rep in ((k, i) for k in kernels for i in range(max(1, a.repeat))):
             shutil.rmtree(out_dir, ignore_errors=True)
             # the disk moves (a shared virtual disk here): measure its bounds right before each run
             bounds = disk_bounds(shard_files(dirs[src]), a.dir.parent, a.drop_caches)
@@ -521,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
             both_s = (r["bytes_in"] + r["bytes_out"]) / 1e9 / bounds["read_write_gb_s"]
             lib = rates[direction]["library"]
             mine = rates[direction].get("fast" if kernel in (None, "auto", "fast") else "reference")
-            rows.append({"direction": direction, "kernel": kernel or "default", "elements": n,
+            rows.append({"direction": direction, "kernel": kernel or "default", "rep": rep, "elements": n,
                          "src_bytes": r["bytes_in"], "dst_bytes": r["bytes_out"], "wall_s": r["wall_s"],
                          "convert_s": r["convert_s"], "read_gb_s": bounds["read_gb_s"],
                          "write_gb_s": bounds["write_gb_s"], "bounds": bounds,
@@ -536,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
                          "x_library_wall": None if lib is None else n / r["wall_s"] / lib,
                          "kernel_x_library": None if lib is None or mine is None else mine / lib,
                          "peak_rss_tree": r["peak_rss_tree"], "peak_rss_proc": r["peak_rss_proc"]})
-            if a.llmc and dst == "int4" and kernel in (None, "auto", "fast"):
+            if a.llmc and dst == "int4" and kernel in (None, "auto", "fast") and rep == 0:  # ~1-2 min each
                 evict(shard_files(dirs[src]), a.drop_caches)
                 llmc = run_llmc(a.llmc, dirs[src], out_dir.with_name("llmc-out"), a.threads)
                 rows[-1] |= llmc | {"x_llmc_wall": llmc["llmc_wall_s"] / r["wall_s"],

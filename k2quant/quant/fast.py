@@ -122,8 +122,9 @@ if numba is not None:
 
     # -- FP8 ---------------------------------------------------------------------------------------
     # Hot loops are ``inline="always"`` helpers called from kernels built per block/group size (below):
-    # inlined with a constant width, a loop vectorises fully; as a call, or with a runtime width, it
-    # runs 4-6x slower (measured). Kernel factories capture only ints/bools, so numba's cache holds.
+    # inlined with a constant width, an elementwise loop vectorises fully; as a call, or with a runtime
+    # width, it runs 4-6x slower (measured). Reductions are the opposite (``_max_abs_bits``): they take the
+    # width at run time. Kernel factories capture only ints/bools, so numba's cache holds.
     @numba.njit(inline="always", **_JIT)
     def _max_abs_bits(xs, n):
         """max of ``_abs_bits`` over ``xs[:n]``. ``n`` must be a run-time value (a kernel argument): with a
