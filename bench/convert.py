@@ -490,7 +490,7 @@ def summary(rows: list[dict], console) -> None:
             line += (f"; llm-compressor {llmc['llmc_wall_s']:.1f} s whole process over k2quant's median "
                      f"{statistics.median(walls):.1f} s: {llmc['llmc_wall_s'] / statistics.median(walls):.1f}x "
                      f"[{llmc['llmc_wall_s'] / walls[-1]:.1f}-{llmc['llmc_wall_s'] / walls[0]:.1f}x]")
-        console.print(line, markup=False)
+        console.print(line, markup=False, soft_wrap=True)
 
 
 def elements(d: Path) -> int:
