@@ -171,21 +171,19 @@ if numba is not None:
         qr = q[r]
         m = np.uint8(0)
         for j in range(k // bk):  # whole tiles: a constant width, fully vectorised
-            s = scale[i, j]
-            qs = qr[j * bk:j * bk + bk]
-            os = out[j * bk:j * bk + bk]
-            for c in range(bk):
-                v = qs[c]
-                os[c] = _bf16_bits(_e4m3_value(v) * s)
-                m = max(m, np.uint8(v & np.uint8(0x7F)))
+            m = max(m, _fp8_decode(qr[j * bk:j * bk + bk], out[j * bk:j * bk + bk], scale[i, j], bk))
         if k % bk:  # a partial last tile
-            s = scale[i, k // bk]
-            qs = qr[k - k % bk:]
-            os = out[k - k % bk:]
-            for c in range(k % bk):
-                v = qs[c]
-                os[c] = _bf16_bits(_e4m3_value(v) * s)
-                m = max(m, np.uint8(v & np.uint8(0x7F)))
+            m = max(m, _fp8_decode(qr[k - k % bk:], out[k - k % bk:], scale[i, k // bk], k % bk))
+        return m
+
+    @numba.njit(inline="always", **_JIT)
+    def _fp8_decode(qs, os, s, n):
+        """``os[:n]`` = bf16 bits of ``fp32(qs[:n]) * s``; returns the largest ``code & 0x7f`` among them."""
+        m = np.uint8(0)
+        for c in range(n):
+            v = qs[c]
+            os[c] = _bf16_bits(_e4m3_value(v) * s)
+            m = max(m, np.uint8(v & np.uint8(0x7F)))
         return m
 
     # -- INT4 --------------------------------------------------------------------------------------
