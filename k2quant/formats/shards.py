@@ -102,7 +102,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         why = "nested too deeply" if isinstance(exc, RecursionError) else exc
         raise FormatError(f"{path}: corrupt safetensors header (not valid JSON: {why}); {fix}") from None
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)  # null = none, as the safetensors library reads it
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise FormatError(f"{path}: __metadata__ must map strings to strings, found {metadata!r:.80}; {fix}")
     infos, problems = _entries(path, header, 8 + hlen, size, fix)

@@ -104,6 +104,25 @@ def test_index_and_config_mutations(ckpts, tmp_path, data, which):
     expect_clean(lambda: plan.make_plan(Checkpoint(src), "int4", qscheme.for_target("int4")), f)
 
 
+@pytest.mark.parametrize("meta", [None, {}, {"format": "pt"}, [], "", 0, False, {"a": 1}])
+def test_header_metadata_is_read_as_the_library_reads_it(tmp_path, meta):
+    """``__metadata__`` null or a map of strings is read; anything else (a falsy [], "", 0 or false too, which
+    the fuzz test above once drew) is refused with the file's name, exactly where the safetensors library
+    refuses it."""
+    f = tmp_path / "m.safetensors"
+    header = json.dumps({"__metadata__": meta, "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    f.write_bytes(struct.pack("<Q", len(header)) + header.encode() + bytes(4))
+    try:
+        with safe_open(str(f), "pt") as sf:
+            library = sf.metadata() or {}
+    except Exception:  # noqa: BLE001 - the library's own error type
+        library = None
+    got = expect_clean(lambda: shards.read_header(f), f)
+    assert (got is None) == (library is None), (meta, got, library)
+    if got is not None:
+        assert got[1] == library
+
+
 @settings(**SETTINGS)
 @given(data=st.data())
 def test_header_json_mutations(ckpts, tmp_path, data):
