@@ -75,7 +75,10 @@ def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme |
     ckpt = Checkpoint(src)
     plan = make_plan(ckpt, target, scheme, max_shard_size)
     _check_device(device)
-    ops = dispatch.ops(kernel, device)  # fail early on a bad kernel/device choice
+    if kernel == "auto":
+        dispatch.preload(kernel, device)  # loads while the plan is made and the first tensors are read
+    else:
+        dispatch.ops(kernel, device)  # fail early on a bad kernel/device choice
     carried = ckpt.other_files(remote_code=trust_remote_code)  # every carried file checked before writing
     skipped = [] if trust_remote_code else [p.relative_to(ckpt.path).as_posix() for p in ckpt.remote_code_files()]
     group = output.Group(rank, world_size, dst, wait_timeout, on_wait)
@@ -89,7 +92,7 @@ def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme |
         jobs = [pipeline.ShardJob(dst / name, tuple(plan.items[i] for i in idx), plan.source_format, scheme, device, kernel)
                 for j, (name, idx) in enumerate(zip(plan.shard_names, plan.shards))
                 if j % group.world == group.rank and name not in kept]
-        records = _run_jobs(jobs, workers, progress, pipeline.free_cores(cpu0))  # sampled over the plan and kernel loading
+        records = _run_jobs(jobs, workers, progress, pipeline.free_cores(cpu0))  # sampled over the plan (the kernels load meanwhile)
         try:
             for rec in records:
                 shards.write_json(state / f"{rec['shard']}.json", rec)
@@ -101,7 +104,7 @@ def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme |
             output.finish(ckpt, plan, dst, settings, kept, carried)
     finally:
         lock.release()
-    report = _report(ckpt, plan, dst, time.perf_counter() - t0, workers, ops.name, len(kept), group)
+    report = _report(ckpt, plan, dst, time.perf_counter() - t0, workers, dispatch.ops(kernel, device).name, len(kept), group)
     report.remote_code_skipped = skipped
     return report
 

@@ -18,6 +18,7 @@ from k2quant.quant.scheme import QuantScheme
 CHUNK_ELEMS = 1 << 24  # elements per row chunk of a big tensor
 PREFETCH_BYTES = 256 << 20  # items up to this size are read whole, ahead of the kernels
 READ_AHEAD_BYTES = 192 << 20  # the reader stays this far ahead (at least one item): ~6 K2 experts in BF16
+LOAD_READ_AHEAD_BYTES = 1 << 30  # ... and this far while the kernels load (~0.8 s): what the disk reads meanwhile
 RAW_CHUNK = 64 << 20  # passthrough copies move this many bytes at a time
 
 

@@ -147,43 +147,48 @@ def _output_error(job: ShardJob, exc: OSError) -> OutputError:
 
 class _ReadAhead:
     """The items' source tensors, read in order by one reader thread that keeps up to ``items.READ_AHEAD_BYTES``
-    (at least one item) read ahead of the consumer: the disk stays busy while the kernels work."""
+    (at least one item) read ahead of the consumer: the disk stays busy while the kernels work. While the
+    kernels still load (``dispatch.ready``), it reads up to ``items.LOAD_READ_AHEAD_BYTES`` ahead instead."""
 
     def __init__(self, reader: cf.ThreadPoolExecutor, todo: tuple[Item, ...]):
         self.reader, self.todo = reader, todo
         self.queued: collections.deque[tuple[int, cf.Future]] = collections.deque()
         self.held = self.pos = 0
 
-    def _fill(self) -> None:
+    def fill(self, limit: int | None = None) -> None:
+        limit = items.READ_AHEAD_BYTES if limit is None else limit
         while self.pos < len(self.todo):
             it = self.todo[self.pos]
             size = it.src_bytes if it.src_bytes <= items.PREFETCH_BYTES else 0  # bigger ones are read on demand
-            if self.queued and self.held + size > items.READ_AHEAD_BYTES:
+            if self.queued and self.held + size > limit:
                 return
             self.queued.append((size, self.reader.submit(items.prefetch, it)))
             self.held += size
             self.pos += 1
 
     def next(self) -> dict[str, torch.Tensor] | None:
-        self._fill()
+        self.fill()
         size, fut = self.queued.popleft()
         data = fut.result()
         self.held -= size
-        self._fill()
+        self.fill()
         return data
 
 
 def start_shard(job: ShardJob, progress: Progress | None = None) -> _Shard:
     """Read, convert and queue every piece of one shard (temp name); its writer thread writes and fsyncs it,
-    and renames it once the returned shard is released."""
+    and renames it once the returned shard is released. Reading starts before the kernels are loaded."""
     if job.threads:
         torch.set_num_threads(job.threads)
-    ctx = items.Ctx(job.src, job.scheme, dispatch.ops(job.kernel, job.device), job.device, job.calibrated)
+    dispatch.preload(job.kernel, job.device)
     writer = shards.ShardWriter(job.path, [e for it in job.items for e in it.entries])
     out = _AsyncWriter(writer)
     try:
         with cf.ThreadPoolExecutor(1, thread_name_prefix="k2q-read") as reader:
             ahead = _ReadAhead(reader, job.items)
+            if not dispatch.ready(job.kernel, job.device):
+                ahead.fill(items.LOAD_READ_AHEAD_BYTES)  # the disk works while the kernels load
+            ctx = items.Ctx(job.src, job.scheme, dispatch.ops(job.kernel, job.device), job.device, job.calibrated)
             for it in job.items:
                 data = ahead.next()
                 for name, chunk in items.pieces(it, ctx, data):

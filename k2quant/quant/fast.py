@@ -373,20 +373,25 @@ def available() -> bool:
 
 @contextlib.contextmanager
 def _without_scipy_blas() -> Iterator[None]:
-    """Hide scipy.linalg while numba loads its typing registries, if neither is loaded yet.
+    """Tell numba there is no BLAS while it loads its typing registries, if they are not loaded yet.
 
     numba's first compile imports ``numba.np.arraymath``, which probes for BLAS by importing scipy.linalg
     (0.45 s of a 2-core start-up, measured); no kernel here calls BLAS, and without it numba's ``np.dot``
-    uses its own loop. The placeholder is removed afterwards: scipy.linalg imports normally later."""
-    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+    uses its own loop. Only numba's own probe is replaced, for the time of that import: the kernels load in a
+    background thread (``dispatch.preload``) while other threads may import scipy for themselves."""
+    if "numba.np.arraymath" in sys.modules:
         yield
         return
-    sys.modules["scipy.linalg"] = None  # type: ignore[assignment]  # import -> ImportError
+    from numba.np import linalg
+
+    def no_blas() -> None:
+        raise ImportError("k2quant: BLAS probe skipped (no kernel here calls BLAS)")
+
+    probe, linalg.ensure_blas = linalg.ensure_blas, no_blas
     try:
         yield
     finally:
-        if "scipy.linalg" in sys.modules and sys.modules["scipy.linalg"] is None:
-            del sys.modules["scipy.linalg"]
+        linalg.ensure_blas = probe
 
 
 def _check_cpu(t: torch.Tensor) -> None:

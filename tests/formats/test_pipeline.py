@@ -14,7 +14,9 @@ from safetensors.torch import load_file, save_file
 from helpers import b3
 from k2quant.errors import FormatError, OutputError
 from k2quant.formats import convert, items, pipeline, shards
-from k2quant.formats.checkpoint import INDEX, MANIFEST
+from k2quant.formats import plan as plan_mod
+from k2quant.formats.checkpoint import INDEX, MANIFEST, Checkpoint
+from k2quant.quant import dispatch
 from k2quant.quant import scheme as qscheme
 
 EXPERT = "model.layers.2.mlp.experts.3.up_proj"
@@ -103,11 +105,56 @@ def test_overlapped_pipeline_writes_the_sequential_bytes(tiny_dirs, tmp_path, mo
         assert rec["blake3"] == b3(got[name])
 
 
+@pytest.mark.parametrize("budget", [0, 800_000, 10**9])
+def test_the_reader_reads_ahead_while_the_kernels_load(tiny_dirs, tmp_path, monkeypatch, budget):
+    """While the kernels load (held back here until the reader has gone quiet), the first shard's items are
+    read in order as far as LOAD_READ_AHEAD_BYTES allows (one item at least), none past it; no kernel runs
+    before the load ends; and the output is the same bytes."""
+    src, one_shard = tiny_dirs["bf16"], 10**9
+    plan = plan_mod.make_plan(Checkpoint(src), "int4", qscheme.for_target("int4"), one_shard)
+    sizes = [plan.items[i].src_bytes for i in plan.shards[0]]
+    want = max(1, max(n for n in range(len(sizes) + 1) if sum(sizes[:n]) <= budget))  # one item at least
+    assert 1 < want < len(sizes) or budget in (0, 10**9)
+    monkeypatch.setattr(items, "LOAD_READ_AHEAD_BYTES", budget)
+    monkeypatch.setattr(dispatch, "_fast_load", None)  # this process's kernels: loaded again, through the stub
+    real_prefetch, real_load, real_pieces = items.prefetch, dispatch._load_fast_ops, items.pieces
+    read, seen = [], {}
+
+    def prefetch(item):
+        read.append(item.src_bytes)
+        return real_prefetch(item)
+
+    def load():
+        n, t = -1, time.monotonic()
+        while len(read) != n or time.monotonic() - t < 0.3:  # until nothing more is read for 0.3 s
+            if len(read) != n:
+                n, t = len(read), time.monotonic()
+            time.sleep(0.01)
+        seen["read"] = n
+        return real_load()
+
+    def pieces(item, ctx, data=None):
+        seen.setdefault("first piece", len(read))
+        yield from real_pieces(item, ctx, data)
+
+    monkeypatch.setattr(items, "prefetch", prefetch)
+    monkeypatch.setattr(items, "pieces", pieces)
+    monkeypatch.setattr(dispatch, "_load_fast_ops", load)
+    report = convert.convert(src, tmp_path / "o", "int4", qscheme.for_target("int4"), max_shard_size=one_shard)
+    assert report.kernel == "fast"
+    assert seen["read"] == want
+    assert seen["first piece"] >= want  # the first piece converted after the load, not before
+    monkeypatch.undo()
+    convert.convert(src, tmp_path / "ref", "int4", qscheme.for_target("int4"), max_shard_size=one_shard)
+    assert files(tmp_path / "o") == files(tmp_path / "ref")
+
+
 @pytest.mark.parametrize("budget", [0, 40_000, 10**9])
 def test_the_reader_stays_ahead_within_its_byte_budget(tiny_dirs, tmp_path, monkeypatch, budget):
     """Items read ahead of the one being converted hold at most READ_AHEAD_BYTES (or are a single item); with
     room, the reader gets several items ahead of a slow consumer; and the output is the same bytes."""
     monkeypatch.setattr(items, "READ_AHEAD_BYTES", budget)
+    monkeypatch.setattr(items, "LOAD_READ_AHEAD_BYTES", budget)  # the kernels may still be loading at the start
     real_prefetch, real_pieces = items.prefetch, items.pieces
     lock, held, peaks = threading.Lock(), {}, []
 
