@@ -207,24 +207,37 @@ if numba is not None:
         return _clamp(np.rint(_as_f32(x) / s), np.float32(-7), np.float32(7))
 
     @numba.njit(inline="always", **_JIT)
-    def _int4_encode_row(x, g, gn, library, packed, scale, codes):
+    def _int4_row_scales(x, g, gn, library, scale, amax):
+        """Every group's scale bits of one row x [K] (bf16 or fp32 bits) into ``scale`` [K/g]; ``amax`` [K/g]
+        uint32 is scratch. Returns the largest |x| bits of the row (a NaN/Inf where they reach the fp32
+        exponent mask).
+
+        Two passes: every group's amax (``gn`` = ``g`` at run time, ``_max_abs_bits``), then every scale,
+        vectorised across groups. Computed group by group between two reductions, the rule's divisions and
+        roundings stayed scalar: 1.2 ms of a K2 expert's 12.7 ms (one core, measured)."""
+        ng = x.shape[0] // g
+        for gi in range(ng):
+            amax[gi] = _max_abs_bits(x[gi * g:gi * g + g], gn)
+        top = np.uint32(0)
+        for gi in range(ng):
+            m = amax[gi]
+            top = m if m > top else top
+            scale[gi] = _int4_scale_bits(_amax_f32(m), library)
+        return top
+
+    @numba.njit(inline="always", **_JIT)
+    def _int4_encode_row(x, g, gn, library, packed, scale, codes, amax):
         """One row: x [K] (bf16 or fp32 bits) -> packed [K/2] bytes (little-endian words), scale [K/g] bits.
 
-        ``gn`` = ``g`` at run time, for the amax reduction (``_max_abs_bits``); the code loop keeps the
-        constant ``g``. ``codes`` [K] uint8 is scratch for the nibbles before they are paired into bytes.
-        Returns whether the row holds a NaN/Inf (a group's |x| bits reach the fp32 exponent mask): found by
-        the amax pass."""
+        The scales first (``_int4_row_scales``), then the codes with the constant ``g``; ``codes`` [K] uint8
+        and ``amax`` [K/g] uint32 are scratch. Returns whether the row holds a NaN/Inf."""
         k = x.shape[0]
-        top = np.uint32(0)
+        top = _int4_row_scales(x, g, gn, library, scale, amax)
         for gi in range(k // g):
             c0 = gi * g
             xs = x[c0:c0 + g]
             cs = codes[c0:c0 + g]
-            m = _max_abs_bits(xs, gn)
-            top = m if m > top else top
-            sb = _int4_scale_bits(_amax_f32(m), library)
-            scale[gi] = sb
-            s = _f32_of_bf16(sb)
+            s = _f32_of_bf16(scale[gi])
             if library:  # the library divides in bf16
                 for c in range(g):
                     cs[c] = np.uint8(np.int32(_int4_code_library(xs[c], s)) + 8)
@@ -303,9 +316,10 @@ def _int4_quantize_kernel(g: int):
         n, k = w.shape
         for b in numba.prange(special.shape[0]):
             codes = np.empty(k, np.uint8)
+            amax = np.empty(k // g, np.uint32)
             bad = False
             for r in range(b * ROWS, min(n, b * ROWS + ROWS)):
-                bad |= _int4_encode_row(w[r], g, gn, library, packed[r], scale[r], codes)
+                bad |= _int4_encode_row(w[r], g, gn, library, packed[r], scale[r], codes, amax)
             special[b] = bad
     return kernel
 
@@ -320,10 +334,11 @@ def _fp8_to_int4_kernel(bn: int, bk: int, g: int):
         for b in numba.prange(special.shape[0]):
             row = np.empty(k, np.uint16)
             codes = np.empty(k, np.uint8)
+            amax = np.empty(k // g, np.uint32)
             m = np.uint8(0)
             for r in range(b * ROWS, min(n, b * ROWS + ROWS)):
                 m = max(m, _fp8_decode_row(q, fp8_scale, r, bn, bk, row))
-                _int4_encode_row(row, g, gn, library, packed[r], scale[r], codes)
+                _int4_encode_row(row, g, gn, library, packed[r], scale[r], codes, amax)
             special[b] = m == np.uint8(0x7F)
     return kernel
 
@@ -600,19 +615,23 @@ def _int4_fake_quantize_kernel(g: int):
         """w [N, K] (bf16 or fp32 bits) -> out [N, K] bf16 bits of ``dequantize(quantize(w))``;
         ``gn`` = ``g`` at run time (``_max_abs_bits``)."""
         n, k = w.shape
-        for r in numba.prange(n):
-            x = w[r]
-            o = out[r]
-            for gi in range(k // g):
-                xs = x[gi * g:gi * g + g]
-                os = o[gi * g:gi * g + g]
-                s = _f32_of_bf16(_int4_scale_bits(_amax_f32(_max_abs_bits(xs, gn)), library))
-                if library:  # the codes exactly as _int4_encode_row computes them
-                    for c in range(g):
-                        os[c] = _bf16_bits(_int4_code_library(xs[c], s) * s)
-                else:
-                    for c in range(g):
-                        os[c] = _bf16_bits(_int4_code_kimi(xs[c], s) * s)
+        for b in numba.prange(-(-n // ROWS)):
+            scale = np.empty(k // g, np.uint16)
+            amax = np.empty(k // g, np.uint32)
+            for r in range(b * ROWS, min(n, b * ROWS + ROWS)):
+                x = w[r]
+                o = out[r]
+                _int4_row_scales(x, g, gn, library, scale, amax)
+                for gi in range(k // g):
+                    xs = x[gi * g:gi * g + g]
+                    os = o[gi * g:gi * g + g]
+                    s = _f32_of_bf16(scale[gi])
+                    if library:  # the codes exactly as _int4_encode_row computes them
+                        for c in range(g):
+                            os[c] = _bf16_bits(_int4_code_library(xs[c], s) * s)
+                    else:
+                        for c in range(g):
+                            os[c] = _bf16_bits(_int4_code_kimi(xs[c], s) * s)
     return kernel
 
 
