@@ -75,10 +75,8 @@ def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme |
     ckpt = Checkpoint(src)
     plan = make_plan(ckpt, target, scheme, max_shard_size)
     _check_device(device)
-    if kernel == "auto":
-        dispatch.preload(kernel, device)  # loads while the plan is made and the first tensors are read
-    else:
-        dispatch.ops(kernel, device)  # fail early on a bad kernel/device choice
+    if kernel != "auto":
+        dispatch.ops(kernel, device)  # fail early on a bad kernel/device choice (auto never fails)
     carried = ckpt.other_files(remote_code=trust_remote_code)  # every carried file checked before writing
     skipped = [] if trust_remote_code else [p.relative_to(ckpt.path).as_posix() for p in ckpt.remote_code_files()]
     group = output.Group(rank, world_size, dst, wait_timeout, on_wait)
@@ -92,7 +90,7 @@ def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme |
         jobs = [pipeline.ShardJob(dst / name, tuple(plan.items[i] for i in idx), plan.source_format, scheme, device, kernel)
                 for j, (name, idx) in enumerate(zip(plan.shard_names, plan.shards))
                 if j % group.world == group.rank and name not in kept]
-        records = _run_jobs(jobs, workers, progress, pipeline.free_cores(cpu0))  # sampled over the plan (the kernels load meanwhile)
+        records = _run_jobs(jobs, workers, progress, pipeline.free_cores(cpu0))  # sampled over the plan
         try:
             for rec in records:
                 shards.write_json(state / f"{rec['shard']}.json", rec)

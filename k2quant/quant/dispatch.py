@@ -5,7 +5,6 @@ reference on every input. ``auto`` takes the fast kernels on CPU when they are a
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import threading
 from typing import Callable
@@ -91,47 +90,25 @@ def _load_fast_ops() -> Ops | None:
 
 
 _fast_lock = threading.Lock()
-_fast_load: cf.Future | None = None
-
-
-def _fast_future() -> cf.Future:
-    """The one load of the fast kernels in this process (numba's import, its registries, the cached kernels:
-    ~0.8 s on 2 cores), started in a thread on first call. Not a daemon: an interpreter that exits early (a
-    run refused) waits for the load to end rather than tearing LLVM down under it."""
-    global _fast_load
-    with _fast_lock:
-        if _fast_load is None:
-            fut: cf.Future = cf.Future()
-
-            def load() -> None:
-                try:
-                    fut.set_result(_load_fast_ops())
-                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the kernels
-                    fut.set_exception(exc)
-
-            _fast_load = fut
-            threading.Thread(target=load, name="k2q-kernels").start()
-        return _fast_load
+_fast_loaded: list[Ops | None] = []  # the fast ops (None: not available here) once loaded
 
 
 def _fast_ops() -> Ops | None:
-    return _fast_future().result()
+    """The fast kernels, loaded once per process (numba's import, its registries, the cached kernels: ~0.8 s on
+    2 cores); a caller that arrives during the load waits for it."""
+    with _fast_lock:
+        if not _fast_loaded:
+            _fast_loaded.append(_load_fast_ops())
+        return _fast_loaded[0]
 
 
 def _wants_fast(kernel: str, device: str) -> bool:
     return kernel in ("auto", "fast") and str(device).startswith("cpu")
 
 
-def preload(kernel: str = "auto", device: str = "cpu") -> None:
-    """Start loading the kernels ``ops(kernel, device)`` will return, in the background: a run reads its first
-    tensors meanwhile (``ready`` says when to stop reading that far ahead)."""
-    if _wants_fast(kernel, device):
-        _fast_future()
-
-
 def ready(kernel: str = "auto", device: str = "cpu") -> bool:
-    """True when ``ops(kernel, device)`` returns without waiting for a load."""
-    return not _wants_fast(kernel, device) or (_fast_load is not None and _fast_load.done())
+    """True when ``ops(kernel, device)`` returns without loading anything first."""
+    return not _wants_fast(kernel, device) or bool(_fast_loaded)
 
 
 def ops(kernel: str = "auto", device: str = "cpu") -> Ops:

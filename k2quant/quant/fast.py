@@ -392,8 +392,8 @@ def _without_scipy_blas() -> Iterator[None]:
 
     numba's first compile imports ``numba.np.arraymath``, which probes for BLAS by importing scipy.linalg
     (0.45 s of a 2-core start-up, measured); no kernel here calls BLAS, and without it numba's ``np.dot``
-    uses its own loop. Only numba's own probe is replaced, for the time of that import: the kernels load in a
-    background thread (``dispatch.preload``) while other threads may import scipy for themselves."""
+    uses its own loop. Only numba's own probe is replaced, for the time of that import: the kernels load while
+    the run's reader threads work (``pipeline.start_shard``), and any other thread may import scipy meanwhile."""
     if "numba.np.arraymath" in sys.modules:
         yield
         return

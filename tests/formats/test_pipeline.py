@@ -116,7 +116,7 @@ def test_the_reader_reads_ahead_while_the_kernels_load(tiny_dirs, tmp_path, monk
     want = max(1, max(n for n in range(len(sizes) + 1) if sum(sizes[:n]) <= budget))  # one item at least
     assert 1 < want < len(sizes) or budget in (0, 10**9)
     monkeypatch.setattr(items, "LOAD_READ_AHEAD_BYTES", budget)
-    monkeypatch.setattr(dispatch, "_fast_load", None)  # this process's kernels: loaded again, through the stub
+    monkeypatch.setattr(dispatch, "_fast_loaded", [])  # this process's kernels: loaded again, through the stub
     real_prefetch, real_load, real_pieces = items.prefetch, dispatch._load_fast_ops, items.pieces
     read, seen = [], {}
 
