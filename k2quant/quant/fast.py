@@ -394,7 +394,7 @@ def _without_scipy_blas() -> Iterator[None]:
     (0.45 s of a 2-core start-up, measured); no kernel here calls BLAS, and without it numba's ``np.dot``
     uses its own loop. Only numba's own probe is replaced, for the time of that import: the kernels load while
     the run's reader threads work (``pipeline.start_shard``), and any other thread may import scipy meanwhile."""
-    if "numba.np.arraymath" in sys.modules:
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:  # the probe is free, or done
         yield
         return
     from numba.np import linalg
