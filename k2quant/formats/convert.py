@@ -171,7 +171,7 @@ def _run_jobs(jobs: list[pipeline.ShardJob], workers: int, progress: Progress | 
         with pipeline.torch_threads(threads):
             yield from pipeline.run_sequential(jobs, progress)
         return
-    jobs = [dataclasses.replace(j, threads=threads) for j in jobs]
+    jobs = [dataclasses.replace(j, threads=threads, processes=workers) for j in jobs]
     ctx = multiprocessing.get_context("spawn")
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
     futures: list[cf.Future] = []

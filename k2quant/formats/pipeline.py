@@ -44,6 +44,7 @@ class ShardJob:
     kernel: str = "auto"
     threads: int = 0  # torch/numba threads in a worker process (0: leave as is)
     calibrated: dict | None = None  # key -> (codes, scale) chosen by calibration (in-process runs only)
+    processes: int = 1  # processes converting shards at once: they share the read-ahead while kernels load
 
 
 class _AsyncWriter:
@@ -188,7 +189,9 @@ def start_shard(job: ShardJob, progress: Progress | None = None) -> _Shard:
         with cf.ThreadPoolExecutor(1, thread_name_prefix="k2q-read") as reader:
             ahead = _ReadAhead(reader, job.items)
             if not dispatch.ready(job.kernel, job.device):
-                ahead.fill(items.LOAD_READ_AHEAD_BYTES)  # the disk works while the kernels load (next line)
+                # the disk works while the kernels load (next line); N worker processes load at once and
+                # split the budget, so that peak memory does not grow with --workers
+                ahead.fill(items.LOAD_READ_AHEAD_BYTES // max(1, job.processes))
             ctx = items.Ctx(job.src, job.scheme, dispatch.ops(job.kernel, job.device), job.device, job.calibrated)
             for it in job.items:
                 data = ahead.next()

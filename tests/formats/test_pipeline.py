@@ -1,5 +1,6 @@
 """The conversion pipeline around the kernels: special values refused in one pass, overlapped reads and
 writes that give the sequential run's bytes, and failures in the reader or writer thread."""
+import dataclasses
 import errno
 import json
 import os
@@ -105,16 +106,22 @@ def test_overlapped_pipeline_writes_the_sequential_bytes(tiny_dirs, tmp_path, mo
         assert rec["blake3"] == b3(got[name])
 
 
-@pytest.mark.parametrize("budget", [0, 800_000, 10**9])
-def test_the_reader_reads_ahead_while_the_kernels_load(tiny_dirs, tmp_path, monkeypatch, budget):
+@pytest.mark.parametrize("budget,processes", [(0, 1), (800_000, 1), (10**9, 1), (1_600_000, 2)])
+def test_the_reader_reads_ahead_while_the_kernels_load(tiny_dirs, tmp_path, monkeypatch, budget, processes):
     """While the kernels load (held back here until the reader has gone quiet), the first shard's items are
-    read in order as far as LOAD_READ_AHEAD_BYTES allows (one item at least), none past it; no kernel runs
-    before the load ends; and the output is the same bytes."""
+    read in order as far as LOAD_READ_AHEAD_BYTES allows (one item at least; split between the worker
+    processes that load at once), none past it; no kernel runs before the load ends; and the output is the
+    same bytes."""
     src, one_shard = tiny_dirs["bf16"], 10**9
     plan = plan_mod.make_plan(Checkpoint(src), "int4", qscheme.for_target("int4"), one_shard)
     sizes = [plan.items[i].src_bytes for i in plan.shards[0]]
-    want = max(1, max(n for n in range(len(sizes) + 1) if sum(sizes[:n]) <= budget))  # one item at least
+    share = budget // processes
+    want = max(1, max(n for n in range(len(sizes) + 1) if sum(sizes[:n]) <= share))  # one item at least
     assert 1 < want < len(sizes) or budget in (0, 10**9)
+    assert processes == 1 or sum(sizes[:want + 1]) <= budget  # a single process would have read more
+    real_start = pipeline.start_shard
+    monkeypatch.setattr(pipeline, "start_shard",
+                        lambda job, progress=None: real_start(dataclasses.replace(job, processes=processes), progress))
     monkeypatch.setattr(items, "LOAD_READ_AHEAD_BYTES", budget)
     monkeypatch.setattr(dispatch, "_fast_loaded", [])  # this process's kernels: loaded again, through the stub
     real_prefetch, real_load, real_pieces = items.prefetch, dispatch._load_fast_ops, items.pieces
