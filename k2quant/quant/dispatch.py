@@ -115,7 +115,7 @@ def ops(kernel: str = "auto", device: str = "cpu") -> Ops:
     """The operations for ``kernel`` ("auto", "fast", "reference") on ``device``."""
     if kernel not in KERNELS:
         raise SchemeError(f"unknown kernel {kernel!r}; use one of {list(KERNELS)}")
-    if kernel == "reference" or not str(device).startswith("cpu"):
+    if not _wants_fast(kernel, device):
         if kernel == "fast":
             raise SchemeError(f"--kernel fast runs on the CPU only; on {device} use --kernel reference or auto "
                               f"(the pure-torch kernels run on any device)")
