@@ -79,6 +79,13 @@ def nan_codes(item: Item) -> FormatError:
                        f"corrupt: re-download this shard")
 
 
+def fp8_overflow(item: Item, r0: int, r1: int) -> FormatError:
+    w, s = item.part("weight"), item.part("scale")
+    return FormatError(f"{w.file}: FP8 weight {w.name!r} times its scales {s.name!r} exceeds BF16's range (Inf) "
+                       f"in rows {r0}..{r1}, which has no INT4 code; the scales are corrupt: re-download this "
+                       f"shard")
+
+
 def fp8_rows(item: Item, rd: Reader, ctx: Ctx, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``r0:r1`` of the FP8 codes and their tile scales, checked (NaN codes by the kernel that reads
     them, when it can: ``ops.checks_input``; the scales, tiny, here)."""
@@ -172,10 +179,11 @@ def pieces(item: Item, ctx: Ctx, data: dict[str, torch.Tensor] | None = None) ->
     fused = item.stored_rep == source.FP8 and item.dst_rep == source.INT4
     for r0, r1 in chunks(item, ctx):
         if fused:
+            q, fp8_scale = fp8_rows(item, rd, ctx, r0, r1)
             try:
-                packed, scale = ctx.ops.fp8_to_int4(*fp8_rows(item, rd, ctx, r0, r1), ctx.src.scheme, ctx.scheme)
+                packed, scale = ctx.ops.fp8_to_int4(q, fp8_scale, ctx.src.scheme, ctx.scheme)
             except NonFinite:
-                raise nan_codes(item) from None
+                raise (nan_codes(item) if ctx.ops.count_nonfinite(q) else fp8_overflow(item, r0, r1)) from None
             yield names[0], _host(packed)
             scales.append(_host(scale))
             continue

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from k2quant.errors import SchemeError
+from k2quant.errors import NonFinite, SchemeError
 from k2quant.quant import fp8_block, int4_group
 from k2quant.quant.names import FP8, INT4, KERNELS
 from k2quant.quant.scheme import QuantScheme
@@ -48,8 +48,12 @@ def _ref_int4_encode(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor
 
 def _ref_fp8_to_int4(q: torch.Tensor, scale: torch.Tensor, src: QuantScheme,
                      dst: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
-    # through BF16, so FP8 -> INT4 equals FP8 -> BF16 -> INT4 byte for byte
-    return _ref_int4_encode(fp8_block.dequantize(q, scale, src, torch.bfloat16), dst)
+    # through BF16, so FP8 -> INT4 equals FP8 -> BF16 -> INT4 byte for byte; a product beyond bf16's range
+    # (Inf) has no INT4 code: refused as the fast kernel does (the caller has checked the codes and scales)
+    w = fp8_block.dequantize(q, scale, src, torch.bfloat16)
+    if not bool(torch.isfinite(w).all()):
+        raise NonFinite("an FP8 code times its scale overflows bf16")
+    return _ref_int4_encode(w, dst)
 
 
 def _ref_count_nonfinite(t: torch.Tensor) -> int:

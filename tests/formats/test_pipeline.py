@@ -76,6 +76,24 @@ def test_nan_code_in_an_fp8_weight_is_refused_in_every_direction(tiny_dirs, tmp_
     assert_nothing_complete(tmp_path / "o")
 
 
+@pytest.mark.parametrize("kernel", ["auto", "reference"])
+def test_fp8_scale_that_overflows_bf16_is_refused_for_int4(tiny_dirs, tmp_path, kernel):
+    """A finite but absurd tile scale (code x scale beyond BF16's range: Inf, which has no INT4 code) is named,
+    by the fused FP8 -> INT4 kernel and by the reference path alike."""
+    src = tmp_path / "src-fp8"
+    shutil.copytree(tiny_dirs["fp8"], src)
+    f = shard_of(src, EXPERT + ".weight_scale_inv")
+    sd = load_file(str(f))
+    sd[EXPERT + ".weight_scale_inv"][0, 1] = 3e38  # rows 0..127, columns 128..255
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.raises(FormatError) as e:
+        convert.convert(src, tmp_path / "o", "int4", qscheme.for_target("int4"), kernel=kernel)
+    w = shard_of(src, EXPERT + ".weight")
+    assert str(e.value).startswith(f"{w}: FP8 weight '{EXPERT}.weight' times its scales "
+                                   f"'{EXPERT}.weight_scale_inv' exceeds BF16's range (Inf) in rows 0..")
+    assert_nothing_complete(tmp_path / "o")
+
+
 # -- overlapped reads, writes and fsyncs -------------------------------------------------------------
 SHARD = 700_000  # bytes: several output shards from the tiny checkpoints
 

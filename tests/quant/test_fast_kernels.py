@@ -179,6 +179,21 @@ def test_int4_quantize_pack_equals_torch(case):
     assert torch.equal(packed, p_ref)
 
 
+@pytest.mark.parametrize("rule", ["library", "kimi"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_every_bf16_group_amax_equals_torch(rule, dtype):
+    """A group for every finite positive bf16 amax a (subnormal scales included, where a quotient can exceed
+    +-7.5 and the fast kernels' byte clamp must not wrap): a, -a and 30 steps between, byte for byte."""
+    a = torch.arange(1, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).double()  # 0x0001..0x7F7F
+    steps = torch.linspace(-1, 1, 30, dtype=torch.float64)
+    groups = torch.cat([a[:, None], -a[:, None], a[:, None] * steps], dim=1).to(torch.bfloat16).to(dtype)
+    w = torch.cat([groups, groups[: (-len(groups)) % 8]]).reshape(-1, 8 * 32)  # rows of 8 groups
+    packed, scale = fast.int4_quantize_pack(w, 32, rule)
+    p_ref, s_ref = int4_reference(w, 32, rule)
+    assert torch.equal(bits(scale), bits(s_ref))
+    assert torch.equal(packed, p_ref)
+
+
 @SETTINGS
 @given(st.sampled_from((32, 64, 128)), st.integers(1, 40), st.integers(1, 4), st.integers(0, 2**31))
 def test_int4_unpack_dequantize_equals_torch(group_size, n, groups, seed):
@@ -222,10 +237,18 @@ def test_int4_expert_stack_equals_per_expert():
 @SETTINGS
 @given(fp8_codes(k_multiple=128), st.sampled_from((32, 64, 128)), st.sampled_from(("library", "kimi")))
 def test_fp8_to_int4_equals_dequantize_then_quantize(case, group_size, rule):
-    """Direct FP8 -> INT4 equals FP8 -> BF16 -> INT4 with the torch kernels, byte for byte."""
+    """Direct FP8 -> INT4 equals FP8 -> BF16 -> INT4 with the torch kernels, byte for byte; where a code times
+    its scale overflows bf16 (Inf, which has no INT4 code) the checking call refuses instead."""
+    from k2quant.errors import NonFinite
+
     q, scale = case
-    packed, s = fast.fp8_to_int4(q, scale, group_size, rule)
-    p_ref, s_ref = int4_reference(fp8_block.dequantize(q, scale, FP8, torch.bfloat16), group_size, rule)
+    w = fp8_block.dequantize(q, scale, FP8, torch.bfloat16)
+    if not torch.isfinite(w).all():
+        with pytest.raises(NonFinite):
+            fast.fp8_to_int4(q, scale, group_size, rule, check=True)
+        return
+    packed, s = fast.fp8_to_int4(q, scale, group_size, rule, check=True)
+    p_ref, s_ref = int4_reference(w, group_size, rule)
     assert torch.equal(bits(s), bits(s_ref))
     assert torch.equal(packed, p_ref)
 
