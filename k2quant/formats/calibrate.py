@@ -365,6 +365,7 @@ def _calibrate(ckpt, src, dst, scheme, calib, cfg, ids, model, plan, bf16_plan, 
             job = pipeline.ShardJob(dst / names[j], tuple(plan.items[i] for i in plan.shards[j]),
                                    plan.source_format, scheme, calib.device, "reference", calibrated=calibrated)
             rec = pipeline.run_shard(job)
+            rec.pop(pipeline.KERNELS_KEY)  # for a report; not part of the record on disk
             shards.write_json(state / f"{names[j]}.json", rec)
             output.verify_headers(plan, dst, [names[j]])
 

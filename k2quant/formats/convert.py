@@ -91,8 +91,10 @@ def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme |
                 for j, (name, idx) in enumerate(zip(plan.shard_names, plan.shards))
                 if j % group.world == group.rank and name not in kept]
         records = _run_jobs(jobs, workers, progress, pipeline.free_cores(cpu0))  # sampled over the plan
+        kernels = None  # the name the shards' converting processes report: no kernel load here for it
         try:
             for rec in records:
+                kernels = rec.pop(pipeline.KERNELS_KEY)
                 shards.write_json(state / f"{rec['shard']}.json", rec)
         finally:
             records.close()
@@ -102,7 +104,9 @@ def convert(src: str | Path, dst: str | Path, target: str, scheme: QuantScheme |
             output.finish(ckpt, plan, dst, settings, kept, carried)
     finally:
         lock.release()
-    report = _report(ckpt, plan, dst, time.perf_counter() - t0, workers, dispatch.ops(kernel, device).name, len(kept), group)
+    # this process names the kernels itself only when it converted nothing (every shard kept, or another rank's)
+    kernels = kernels or dispatch.ops(kernel, device).name
+    report = _report(ckpt, plan, dst, time.perf_counter() - t0, workers, kernels, len(kept), group)
     report.remote_code_skipped = skipped
     return report
 

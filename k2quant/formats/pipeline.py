@@ -104,12 +104,17 @@ class _AsyncWriter:
         return self.digest
 
 
+#: the record key naming the kernels that converted the shard ("fast", "reference"): for the report, popped before
+#: the record is written (the records on disk, which --resume compares, do not change with it)
+KERNELS_KEY = "_kernels"
+
+
 class _Shard:
     """One output shard in flight: every piece computed and queued; its writer thread still writing and
     fsyncing. It appears under its name only once ``release``d; ``record()`` waits for that."""
 
-    def __init__(self, job: ShardJob, out: _AsyncWriter):
-        self.job, self.out = job, out
+    def __init__(self, job: ShardJob, out: _AsyncWriter, kernels: str):
+        self.job, self.out, self.kernels = job, out, kernels
 
     def release(self) -> None:
         self.out.release(commit=True)
@@ -123,7 +128,7 @@ class _Shard:
         inputs = sorted({info.file.name for it in job.items for _, info in it.sources})
         return {"shard": job.path.name, "inputs": inputs, shards.DIGEST_KEY: digest, "bytes": job.path.stat().st_size,
                 "tensors": sum(len(it.entries) for it in job.items), "items": len(job.items),
-                "source_bytes": sum(it.src_bytes for it in job.items)}
+                "source_bytes": sum(it.src_bytes for it in job.items), KERNELS_KEY: self.kernels}
 
     def abort(self) -> None:
         """Give the shard up: its temp file is removed, or, if it was already renamed, the file (no record of it
@@ -207,7 +212,7 @@ def start_shard(job: ShardJob, progress: Progress | None = None) -> _Shard:
             raise _output_error(job, exc) from None
         raise
     out.finish()
-    return _Shard(job, out)
+    return _Shard(job, out, ctx.ops.name)
 
 
 def run_shard(job: ShardJob, progress: Progress | None = None) -> dict:

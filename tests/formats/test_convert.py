@@ -221,9 +221,22 @@ def test_custom_targets_write_a_consistent_ignore_list(tiny_dirs, tmp_path):
         assert (m in quantized) != any(match_name(m, p) for p in ignore), m
 
 
-def test_workers_give_identical_output(tiny_dirs, tmp_path):
+def test_workers_give_identical_output(tiny_dirs, tmp_path, monkeypatch):
+    """Two worker processes write the bytes one process does; the workers name their kernels for the report,
+    so the parent never loads them (~0.8 s) only for that, and the name stays out of the records on disk."""
+    from k2quant.formats import pipeline, shards
+    from k2quant.quant import dispatch
+
     run(tiny_dirs["fp8"], tmp_path / "one", "int4", max_shard_size=1_000_000)
-    run(tiny_dirs["fp8"], tmp_path / "two", "int4", max_shard_size=1_000_000, workers=2)
+    monkeypatch.setattr(pipeline, "cores", lambda: 2)  # two processes even on a one-core machine
+    monkeypatch.setattr(dispatch, "_fast_loaded", [])  # as in a fresh process: no kernels loaded here yet
+    written = []
+    real_write = shards.write_json
+    monkeypatch.setattr(shards, "write_json", lambda path, obj: written.append(obj) or real_write(path, obj))
+    report = run(tiny_dirs["fp8"], tmp_path / "two", "int4", max_shard_size=1_000_000, workers=2)
+    assert report.kernel == "fast" and dispatch._fast_loaded == []
+    records = [obj for obj in written if isinstance(obj, dict) and "shard" in obj]
+    assert len(records) > 2 and not any(pipeline.KERNELS_KEY in r for r in records)
     a = sorted((tmp_path / "one").glob("*.safetensors"))
     assert len(a) > 2
     for p in a:
