@@ -248,21 +248,12 @@ if numba is not None:
             s = _bf16_bits(amax / np.float32(7.0))
         return _BF16_EPS_BITS if (s & np.uint16(0x7FFF)) == 0 else s
 
-    @numba.njit(inline="always", **_JIT)
-    def _int4_code_library(x, s):
-        """The library rule's code of one element (bf16 or fp32 bits) as fp32: rint(clamp(bf16(bf16(x) / s), -8, 7))."""
-        return np.rint(_clamp(_f32_of_bf16(_bf16_bits(_as_bf16_f32(x) / s)), np.float32(-8), np.float32(7)))
-
-    @numba.njit(inline="always", **_JIT)
-    def _int4_code_kimi(x, s):
-        """The kimi rule's code of one element (bf16 or fp32 bits) as fp32: clamp(rint(x / s), -7, 7)."""
-        return _clamp(np.rint(_as_f32(x) / s), np.float32(-7), np.float32(7))
-
-    # The stored forms: code + 8 as a byte, equal to the above for finite x of a group whose scale s came from
-    # _int4_scale_bits (then |quotient| <= 16: the rounding add below is exact), in 2/3 of the vector
-    # instructions: the integer rounding rides an fp32 add (_RINT_PLUS_8), the upper clamp is a byte min after
-    # it (rint and clamping to integers commute; the lower one stays before, where a subnormal scale's
-    # quotient could wrap the byte), and bf16 rounding skips the NaN case. 1.2x a K2 expert's codes (measured).
+    # A rule's code of one element, stored as code + 8 in a byte, for finite x of a group whose scale s came
+    # from _int4_scale_bits (then |quotient| <= 16: the rounding add below is exact). Against the rule written
+    # as is (np.rint, float clamps, _bf16_bits) this takes 2/3 of the vector instructions: the integer rounding
+    # rides an fp32 add (_RINT_PLUS_8), the upper clamp is a byte min after it (rint and clamping to integers
+    # commute; the lower one stays before, where a subnormal scale's quotient could wrap the byte), and bf16
+    # rounding skips the NaN case. 1.2x a K2 expert's codes (measured).
     @numba.njit(inline="always", **_JIT)
     def _bf16_round(x: np.float32) -> np.float32:
         """fp32 value of bf16(x) (round to nearest even) for finite x."""
@@ -270,14 +261,14 @@ if numba is not None:
 
     @numba.njit(inline="always", **_JIT)
     def _int4_stored_library(x, s):
-        """``_int4_code_library(x, s) + 8`` as uint8."""
+        """The library rule, x bf16 or fp32 bits: rint(clamp(bf16(bf16(x) / s), -8, 7)) + 8 as uint8."""
         q = _bf16_round(_as_bf16_f32(x) / s)
         q = np.float32(-8) if q < np.float32(-8) else q
         return min(np.uint8(np.float32(q + _RINT_PLUS_8).view(np.uint32)), np.uint8(15))
 
     @numba.njit(inline="always", **_JIT)
     def _int4_stored_kimi(x, s):
-        """``_int4_code_kimi(x, s) + 8`` as uint8."""
+        """The kimi rule, x bf16 or fp32 bits: clamp(rint(x / s), -7, 7) + 8 as uint8."""
         q = _as_f32(x) / s
         q = np.float32(-7) if q < np.float32(-7) else q
         return min(np.uint8(np.float32(q + _RINT_PLUS_8).view(np.uint32)), np.uint8(15))
@@ -711,10 +702,10 @@ def _int4_fake_quantize_kernel(g: int):
                     _prefetch_span(nxt, gi * g, g)
                     if library:  # the codes exactly as _int4_encode_row computes them
                         for c in range(g):
-                            os[c] = _bf16_bits(_int4_code_library(xs[c], s) * s)
+                            os[c] = _bf16_bits(np.float32(np.int32(_int4_stored_library(xs[c], s)) - 8) * s)
                     else:
                         for c in range(g):
-                            os[c] = _bf16_bits(_int4_code_kimi(xs[c], s) * s)
+                            os[c] = _bf16_bits(np.float32(np.int32(_int4_stored_kimi(xs[c], s)) - 8) * s)
     return kernel
 
 

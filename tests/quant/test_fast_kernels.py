@@ -183,7 +183,8 @@ def test_int4_quantize_pack_equals_torch(case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int4_every_bf16_group_amax_equals_torch(rule, dtype):
     """A group for every finite positive bf16 amax a (subnormal scales included, where a quotient can exceed
-    +-7.5 and the fast kernels' byte clamp must not wrap): a, -a and 30 steps between, byte for byte."""
+    +-7.5 and the fast kernels' byte clamp must not wrap): a, -a and 30 steps between, byte for byte; the QAT
+    fake-quant kernel, which computes the same codes, too."""
     a = torch.arange(1, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).double()  # 0x0001..0x7F7F
     steps = torch.linspace(-1, 1, 30, dtype=torch.float64)
     groups = torch.cat([a[:, None], -a[:, None], a[:, None] * steps], dim=1).to(torch.bfloat16).to(dtype)
@@ -192,6 +193,8 @@ def test_int4_every_bf16_group_amax_equals_torch(rule, dtype):
     p_ref, s_ref = int4_reference(w, 32, rule)
     assert torch.equal(bits(scale), bits(s_ref))
     assert torch.equal(packed, p_ref)
+    fq_ref = int4_group.fake_quantize(w, S.get("int4-g32", scale_rule=rule), out_dtype=torch.bfloat16)
+    assert torch.equal(bits(fast.int4_fake_quantize(w, 32, rule)), bits(fq_ref))
 
 
 @SETTINGS
